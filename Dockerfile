@@ -1,0 +1,15 @@
+# The application image: the valifi command, flows, training and the agent server.
+FROM python:3.11-slim
+WORKDIR /app
+# CPU build of torch first, so the project's range does not pull a CUDA build.
+ARG TORCH_SPEC=torch==2.13.0
+RUN pip install --no-cache-dir "$TORCH_SPEC"
+COPY pyproject.toml README.md ./
+COPY valifi ./valifi
+COPY model ./model
+COPY flows ./flows
+COPY serving ./serving
+RUN pip install --no-cache-dir .
+COPY prefect.yaml* ./
+ENV VALIFI_DATA_DIR=/data PYTHONUNBUFFERED=1
+VOLUME ["/data"]

@@ -1,0 +1,355 @@
+"""A synthetic world of Valifi bots with a known ground truth.
+
+Each bot sees a context (a JSON document with a `task` sentence beside structured
+fields), takes one of a few actions, and earns `true_reward(...) + noise`. The
+actions were chosen by an imperfect behaviour policy (a habit, some exploration,
+some skill), so a learned policy can do measurably better, and because the reward
+function is known, evaluation can compute the true value of any policy, of the
+behaviour policy and of the oracle.
+
+Rewards hinge on numbers crossing levels (an RSI above 70, a drawdown above 15%),
+like the rewards of the real bots. After `drift_at` the trading regime flips from
+mean reversion to momentum. Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+
+Doc = dict
+
+SYMBOLS = ["AAPL", "MSFT", "TSLA", "NVDA", "AMZN", "GOOGL", "META", "JPM"]
+DATA_TYPES = ["market_data", "user_feedback", "strategy_result"]
+REWARD_BOUNDS = (-1.0, 1.0)
+
+
+def _act(name: str, **extra) -> Doc:
+    return {"action": name, **extra}
+
+
+# --- the bots: contexts, actions, true rewards --------------------------------------
+
+
+def _trading_context(rng: np.random.Generator) -> Doc:
+    symbol = str(rng.choice(SYMBOLS))
+    task = str(
+        rng.choice(
+            [
+                f"Analyze {symbol} stock and suggest trade",
+                f"Should I buy or sell {symbol} right now?",
+                f"Find a trade setup for {symbol}",
+            ]
+        )
+    )
+    return {
+        "task": task,
+        "symbol": symbol,
+        "price": round(float(rng.uniform(20, 900)), 2),
+        "indicators": {
+            "rsi": round(float(rng.uniform(10, 90)), 1),
+            "macd": round(float(rng.normal(0, 1)), 3),
+            "volatility": round(float(rng.uniform(0.1, 0.8)), 3),
+        },
+        "sentiment": round(float(rng.uniform(-1, 1)), 3),
+    }
+
+
+def _trading_reward(x: Doc, a: Doc, regime: int) -> float:
+    rsi, vol = x["indicators"]["rsi"], x["indicators"]["volatility"]
+    if regime == 0:  # mean reversion: oversold bounces, overbought falls
+        edge = 0.8 if rsi < 30 else -0.8 if rsi > 70 else 0.5 * x["sentiment"]
+    else:  # momentum: overbought keeps rising, oversold keeps falling
+        edge = 0.7 if rsi > 70 else -0.7 if rsi < 30 else 0.3 * x["sentiment"]
+    size = a.get("size")
+    return {
+        ("buy", "small"): 0.5 * edge,
+        ("buy", "large"): edge - (0.5 if vol > 0.5 else 0.0),
+        ("sell", None): -0.6 * edge,
+        ("hold", None): 0.05,
+    }[(a["action"], size)]
+
+
+def _stocks_context(rng: np.random.Generator) -> Doc:
+    symbol = str(rng.choice(SYMBOLS))
+    task = str(
+        rng.choice(
+            [
+                f"Should I invest in {symbol}?",
+                f"Evaluate {symbol} fundamentals",
+                f"Is {symbol} a good long-term hold?",
+            ]
+        )
+    )
+    return {
+        "task": task,
+        "symbol": symbol,
+        "fundamentals": {
+            "pe_ratio": round(float(rng.uniform(5, 60)), 1),
+            "earnings_surprise": round(float(rng.normal(0, 0.08)), 3),
+            "dividend_yield": round(float(rng.uniform(0, 0.05)), 4),
+        },
+        "analyst_sentiment": round(float(rng.uniform(-1, 1)), 3),
+    }
+
+
+def _stocks_reward(x: Doc, a: Doc, regime: int) -> float:
+    f = x["fundamentals"]
+    value = (
+        0.6 * (f["pe_ratio"] < 15)
+        - 0.7 * (f["pe_ratio"] > 40)
+        + 0.5 * (f["earnings_surprise"] > 0.05)
+        - 0.5 * (f["earnings_surprise"] < -0.05)
+    )
+    return {
+        "recommend_buy": 0.7 * value,
+        "recommend_sell": -0.6 * value,
+        "recommend_hold": 0.15 - 0.2 * abs(value),
+        "research_more": 0.0,
+    }[a["action"]]
+
+
+def _portfolio_context(rng: np.random.Generator) -> Doc:
+    task = str(
+        rng.choice(
+            [
+                "Review my portfolio risk",
+                "How is my portfolio doing?",
+                "Should I rebalance my portfolio?",
+            ]
+        )
+    )
+    return {
+        "task": task,
+        "portfolio": {
+            "drawdown": round(float(rng.uniform(0, 0.3)), 3),
+            "sharpe": round(float(rng.normal(1.0, 0.6)), 2),
+            "concentration": round(float(rng.uniform(0.1, 0.9)), 3),
+            "cash_ratio": round(float(rng.uniform(0, 0.5)), 3),
+        },
+        "positions": int(rng.integers(2, 40)),
+    }
+
+
+def _portfolio_reward(x: Doc, a: Doc, regime: int) -> float:
+    p = x["portfolio"]
+    return {
+        "rebalance": 0.8 * (p["concentration"] > 0.6) - 0.25,
+        "hedge": 0.8 * (p["drawdown"] > 0.15) - 0.3,
+        "reduce_risk": 0.7 * (p["sharpe"] < 0.5) - 0.2,
+        "hold": 0.35 * (p["sharpe"] > 1.2) - 0.05,
+    }[a["action"]]
+
+
+_ONBOARDING_QUESTIONS = {
+    "signup": ["How do I create an account?", "What do I need to sign up?"],
+    "kyc": ["How do I verify my identity?", "Why is my verification taking so long?"],
+    "funding": ["How do I deposit funds?", "Which payment methods can I use?"],
+    "first_trade": ["How do I place my first trade?", "Where do I buy my first stock?"],
+}
+
+
+def _onboarding_context(rng: np.random.Generator) -> Doc:
+    step = str(rng.choice(list(_ONBOARDING_QUESTIONS)))
+    kyc = str(rng.choice(["none", "pending", "verified", "rejected"]))
+    return {
+        "task": str(rng.choice(_ONBOARDING_QUESTIONS[step])),
+        "user": {
+            "step": step,
+            "kyc_status": kyc,
+            "account_age_days": int(rng.integers(0, 120)),
+        },
+        "channel": str(rng.choice(["app", "web", "chat"])),
+    }
+
+
+def _onboarding_reward(x: Doc, a: Doc, regime: int) -> float:
+    u = x["user"]
+    stuck = u["kyc_status"] in ("none", "pending")
+    return {
+        "send_kyc_link": 0.7 if stuck else -0.2,
+        "escalate_to_human": 0.8 if u["kyc_status"] == "rejected" else -0.3,
+        "show_deposit_guide": (
+            0.6 if u["kyc_status"] == "verified" and u["step"] == "funding" else -0.1
+        ),
+        "show_tutorial": (0.5 if u["step"] in ("signup", "first_trade") and not stuck else 0.0),
+    }[a["action"]]
+
+
+@dataclass(frozen=True)
+class Bot:
+    name: str
+    strategy: str  # trading_bots.strategy in the application's layout
+    actions: list[Doc]
+    habit: int  # index of the action the behaviour policy falls back on
+    data_types: tuple[float, float, float]  # probabilities over DATA_TYPES
+    context: Callable[[np.random.Generator], Doc] = field(repr=False)
+    reward: Callable[[Doc, Doc, int], float] = field(repr=False)
+
+
+BOTS: dict[str, Bot] = {
+    b.name: b
+    for b in [
+        Bot(
+            "trading_advanced",
+            "momentum_ai",
+            [_act("buy", size="small"), _act("buy", size="large"), _act("sell"), _act("hold")],
+            3,
+            (0.6, 0.1, 0.3),
+            _trading_context,
+            _trading_reward,
+        ),
+        Bot(
+            "financial_stocks",
+            "dca",
+            [
+                _act("recommend_buy"),
+                _act("recommend_sell"),
+                _act("recommend_hold"),
+                _act("research_more"),
+            ],
+            2,
+            (0.6, 0.2, 0.2),
+            _stocks_context,
+            _stocks_reward,
+        ),
+        Bot(
+            "analytics_portfolio",
+            "market_making",
+            [_act("rebalance"), _act("hedge"), _act("reduce_risk"), _act("hold")],
+            3,
+            (0.3, 0.3, 0.4),
+            _portfolio_context,
+            _portfolio_reward,
+        ),
+        Bot(
+            "platform_onboarding",
+            "grid",
+            [
+                _act("send_kyc_link"),
+                _act("escalate_to_human"),
+                _act("show_deposit_guide"),
+                _act("show_tutorial"),
+            ],
+            3,
+            (0.1, 0.8, 0.1),
+            _onboarding_context,
+            _onboarding_reward,
+        ),
+    ]
+}
+
+
+# --- the world ------------------------------------------------------------------------
+
+
+@dataclass
+class BadRows:
+    """Fractions of rows to spoil, for validation tests."""
+
+    null_reward: float = 0.0
+    out_of_range: float = 0.0
+    malformed: float = 0.0
+
+
+@dataclass
+class World:
+    """The generator and its ground truth.
+
+    `behaviour` is the mix of the behaviour policy: (habit, uniform random, oracle).
+    """
+
+    seed: int = 0
+    drift_at: datetime | None = None
+    noise: float = 0.25
+    behaviour: tuple[float, float, float] = (0.45, 0.35, 0.20)
+
+    # -- ground truth --
+    def regime(self, when: datetime | None) -> int:
+        return int(self.drift_at is not None and when is not None and when >= self.drift_at)
+
+    def true_reward(self, bot: str, x: Doc, a: Doc, when: datetime | None = None) -> float:
+        """Expected reward of action `a` for bot `bot` in context `x` (before noise)."""
+        return float(BOTS[bot].reward(x, a, self.regime(when)))
+
+    def rewards(self, bot: str, x: Doc, when: datetime | None = None) -> list[float]:
+        """True expected reward of every action of `bot`, in bank order."""
+        return [self.true_reward(bot, x, a, when) for a in BOTS[bot].actions]
+
+    def oracle_action(self, bot: str, x: Doc, when: datetime | None = None) -> Doc:
+        return BOTS[bot].actions[int(np.argmax(self.rewards(bot, x, when)))]
+
+    def policy_value(
+        self,
+        rows: Iterable[tuple[str, Doc, datetime | None]],
+        policy: Callable[[str, Doc], Doc],
+    ) -> float:
+        """True mean reward of `policy(bot, input) -> action` over (bot, input, when) rows."""
+        vals = [self.true_reward(b, x, policy(b, x), w) for b, x, w in rows]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    # -- generation --
+    def generate(
+        self,
+        rows: int,
+        days: float = 7.0,
+        end: datetime | None = None,
+        bad: BadRows | None = None,
+    ) -> pd.DataFrame:
+        """`rows` logged decisions spread over the `days` before `end`, oldest first.
+
+        Columns: id, bot, data_type, input (dict, or str when malformed), action
+        (dict), reward (float or NaN), created_at (naive UTC), true_reward.
+        """
+        rng = np.random.default_rng(self.seed)
+        end = end or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+        names = list(BOTS)
+        offsets = np.sort(rng.uniform(0, days * 86400, size=rows))[::-1]
+        records = []
+        for off in offsets:
+            bot = BOTS[names[int(rng.integers(len(names)))]]
+            when = end - timedelta(seconds=float(off))
+            x = bot.context(rng)
+            true = self.rewards(bot.name, x, when)
+            mode = rng.choice(3, p=self.behaviour)
+            k = (bot.habit, int(rng.integers(len(bot.actions))), int(np.argmax(true)))[mode]
+            reward = float(np.clip(true[k] + rng.normal(0, self.noise), *REWARD_BOUNDS))
+            records.append(
+                {
+                    "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+                    "bot": bot.name,
+                    "data_type": DATA_TYPES[rng.choice(3, p=bot.data_types)],
+                    "input": x,
+                    "action": bot.actions[k],
+                    "reward": round(reward, 4),
+                    "created_at": when,
+                    "true_reward": true[k],
+                }
+            )
+        df = pd.DataFrame.from_records(records)
+        if bad is not None:
+            self._spoil(df, bad, rng)
+        return df
+
+    @staticmethod
+    def _spoil(df: pd.DataFrame, bad: BadRows, rng: np.random.Generator) -> None:
+        n = len(df)
+        picks = rng.permutation(n)
+        k1 = round(bad.null_reward * n)
+        k2 = k1 + round(bad.out_of_range * n)
+        k3 = k2 + round(bad.malformed * n)
+        df["reward"] = df["reward"].astype("float64")
+        df.loc[picks[:k1], "reward"] = np.nan
+        df.loc[picks[k1:k2], "reward"] = 50.0
+        for i in picks[k2:k3]:  # a truncated payload, as a broken client would send it
+            df.at[i, "input"] = '{"task": "Analyze ' + str(df.at[i, "id"])[:8]
+
+
+def behaviour_value(df: pd.DataFrame) -> float:
+    """True mean reward of the logged actions (the behaviour policy's value)."""
+    return float(df["true_reward"].mean())

@@ -1,0 +1,24 @@
+"""Set up everything and run the linter and the tests: `python3 scripts/test.py [pytest args]`.
+
+`python3 scripts/test.py --fast` runs only the unit tests (seconds, no services).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bootstrap import ensure_env, exec_in_env, venv_bin
+
+
+def main(argv: list[str]) -> int:
+    python = ensure_env()
+    ruff = venv_bin("ruff")
+    if exec_in_env([ruff, "check", "."]) or exec_in_env([ruff, "format", "--check", "."]):
+        return 1
+    if "--fast" in argv:
+        argv = [a for a in argv if a != "--fast"] + ["-m", "not e2e and not slow and not gpu"]
+    return exec_in_env([python, "-m", "pytest", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

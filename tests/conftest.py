@@ -1,0 +1,139 @@
+"""Shared fixtures: real services, each started once per test session on ports of its own.
+
+- `stack_env`: the local stack (embedded PostgreSQL, MLflow, Prefect) started with
+  `valifi stack up` in a temporary data directory; stopped with `valifi stack down`.
+- `external_pg`: a PostgreSQL reached through a URL, as `DATABASE_URL` users have
+  one: `VALIFI_TEST_DATABASE_URL`, else 127.0.0.1:5432/test when it answers, else a
+  second embedded server playing that part.
+- `fresh_db(server_url)`: a new empty database on either server, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def valifi(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `valifi` command in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "valifi.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment without settings a developer's shell or .env may carry."""
+    drop = ("DATABASE_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PYTHON_AGENT_URL")
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("VALIFI_")}
+
+
+@pytest.fixture(scope="session")
+def stack_env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """Environment of a running local stack: embedded PostgreSQL, MLflow and Prefect."""
+    data = tmp_path_factory.mktemp("stack")
+    env = {
+        "VALIFI_DATA_DIR": str(data),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+        "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
+    }
+    up = valifi("stack", "up", env={**_clean_env(), **env})
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield env
+    down = valifi("stack", "down", env={**_clean_env(), **env})
+    assert down.returncode == 0, down.stdout + down.stderr
+
+
+@pytest.fixture(scope="session")
+def embedded_pg(stack_env) -> str:
+    """URL of the stack's embedded PostgreSQL."""
+    from valifi import stack
+    from valifi.settings import Settings
+
+    return stack.start_embedded_pg(Settings(data_dir=stack_env["VALIFI_DATA_DIR"], _env_file=None))
+
+
+def _answers(url: str) -> bool:
+    try:
+        psycopg2.connect(url, connect_timeout=3).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def external_pg(tmp_path_factory) -> Iterator[str]:
+    url = os.environ.get("VALIFI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    if _answers(url):
+        yield url
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+    server = pgserver.get_server(tmp_path_factory.mktemp("external-pg"), cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+def _with_db(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture
+def fresh_db() -> Iterator[Callable[[str], str]]:
+    """Make a new empty database on a server; every one made is dropped at the end."""
+    made: list[tuple[str, str]] = []
+
+    def make(server_url: str) -> str:
+        name = f"valifi_t_{uuid.uuid4().hex[:12]}"
+        conn = psycopg2.connect(server_url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        made.append((server_url, name))
+        return _with_db(server_url, name)
+
+    yield make
+    for server_url, name in made:
+        conn = psycopg2.connect(server_url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()

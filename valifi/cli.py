@@ -1,0 +1,113 @@
+"""The `valifi` command. Heavy libraries are imported inside the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+
+from valifi.settings import Settings
+
+
+def _stack(args: argparse.Namespace, settings: Settings) -> int:
+    from valifi import stack
+
+    if args.action == "up":
+        for s in stack.up(settings):
+            print(s.line())
+        print(f"data, logs and pids under {settings.data_dir}")
+    elif args.action == "status":
+        states = stack.status(settings)
+        for s in states:
+            print(s.line())
+        return 0 if all(s.state in ("running", "embedded", "external") for s in states) else 3
+    else:
+        stopped = stack.down(settings)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def _seed_data(args: argparse.Namespace, settings: Settings) -> int:
+    from model.synthetic import BadRows, World
+    from valifi import stack
+    from valifi.seed import seed
+
+    drift = datetime.fromisoformat(args.drift_at) if args.drift_at else None
+    end = datetime.fromisoformat(args.end) if args.end else None
+    bad = BadRows(args.bad_null, args.bad_range, args.bad_malformed)
+    mode = (
+        "replace"
+        if args.replace
+        else "append"
+        if args.append
+        else "if-empty"
+        if args.if_empty
+        else "refuse"
+    )
+    result = seed(
+        stack.database_url(settings),
+        args.rows,
+        days=args.days,
+        layout=args.layout,
+        world=World(seed=args.seed, drift_at=drift),
+        bad=bad,
+        mode=mode,
+        table=settings.table,
+        bots_table=settings.bots_table,
+        end=end,
+    )
+    if result.rows == 0:
+        print(f"{settings.table} already holds data; left as it is")
+        return 0
+    print(
+        f"inserted {result.rows} rows into {settings.table} (layout {result.layout}); "
+        f"bots: {', '.join(result.bots)}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="valifi", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stack", help="start, inspect or stop the local services")
+    s.add_argument("action", choices=["up", "status", "down"])
+    s.set_defaults(func=_stack)
+
+    s = sub.add_parser("seed-data", help="fill bot_training_data with synthetic interactions")
+    s.add_argument("--rows", type=int, default=10_000)
+    s.add_argument("--days", type=float, default=7.0)
+    s.add_argument("--layout", choices=["app", "design"], default="app")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--end", help="timestamp of the newest row (ISO, UTC; default now)")
+    s.add_argument("--drift-at", help="rewards follow the shifted regime from this time (ISO)")
+    s.add_argument("--bad-null", type=float, default=0.0, help="fraction with NULL reward")
+    s.add_argument("--bad-range", type=float, default=0.0, help="fraction out of range")
+    s.add_argument("--bad-malformed", type=float, default=0.0, help="fraction malformed")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--append", action="store_true", help="add to an existing table")
+    g.add_argument("--replace", action="store_true", help="drop and recreate the table")
+    g.add_argument(
+        "--if-empty",
+        action="store_true",
+        help="seed only when the table is missing or empty; else leave it",
+    )
+    s.set_defaults(func=_seed_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    try:
+        return args.func(args, settings)
+    except Exception as exc:  # every command ends with a readable reason, not a traceback
+        if getattr(args, "debug", False):
+            raise
+        print(f"valifi {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

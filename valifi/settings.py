@@ -1,0 +1,67 @@
+"""Settings for every entry point: environment, then `.env`, then defaults.
+
+Read once at an entry point (`Settings()`), never at import time. The standard
+variables keep their usual names (`DATABASE_URL`, `MLFLOW_TRACKING_URI`,
+`PREFECT_API_URL`, `PYTHON_AGENT_URL`); the project's own knobs are `VALIFI_*`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _std(name: str) -> AliasChoices:
+    """Accept the conventional variable name, and the field name for keyword init."""
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VALIFI_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    # --- services -------------------------------------------------------------
+    # None: use the embedded PostgreSQL under data_dir (started on demand).
+    database_url: str | None = Field(None, validation_alias=_std("DATABASE_URL"))
+    mlflow_tracking_uri: str = Field(
+        "http://127.0.0.1:5000", validation_alias=_std("MLFLOW_TRACKING_URI")
+    )
+    prefect_api_url: str = Field(
+        "http://127.0.0.1:4200/api", validation_alias=_std("PREFECT_API_URL")
+    )
+    python_agent_url: str = Field(
+        "http://127.0.0.1:8000", validation_alias=_std("PYTHON_AGENT_URL")
+    )
+
+    # --- local stack ----------------------------------------------------------
+    data_dir: Path = Path(".valifi")
+    # Backend store of the MLflow server; None: SQLite under data_dir.
+    mlflow_backend_store_uri: str | None = None
+    stack_timeout_s: float = 120.0
+
+    # --- source table -----------------------------------------------------------
+    table: str = "bot_training_data"
+    bots_table: str = "trading_bots"
+    # Explicit column mapping for other schemas, e.g.
+    # {"bot_id": "agent", "created_at": "ts"}; unset roles are detected.
+    columns: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().absolute()
+
+    def local_port(self, url: str) -> int | None:
+        """The port of `url` when it names this machine, else None (an external service)."""
+        parts = urlsplit(url)
+        if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+            return parts.port or (443 if parts.scheme == "https" else 80)
+        return None
