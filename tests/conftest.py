@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,6 +26,30 @@ import psycopg2
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The test session's own stack: ports and folders of its own, set before any test
+# module imports Prefect or MLflow (both read their settings early). Flows called
+# in-process and `valifi` subprocesses alike then talk to these services.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="valifi-tests-"))
+STACK_ENV = {
+    "VALIFI_DATA_DIR": str(_SESSION_DIR / "stack"),
+    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+    "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
+    "PREFECT_HOME": str(_SESSION_DIR / "prefect-client"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+    "VALIFI_RETRY_DELAYS_S": "[0.2, 0.2]",
+}
+for _var in ("DATABASE_URL", "PYTHON_AGENT_URL"):
+    os.environ.pop(_var, None)
+os.environ.update(STACK_ENV)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,12 +65,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def valifi(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real `valifi` command in a subprocess."""
     return subprocess.run(
@@ -57,26 +77,15 @@ def valifi(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.
     )
 
 
-def _clean_env() -> dict[str, str]:
-    """The environment without settings a developer's shell or .env may carry."""
-    drop = ("DATABASE_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PYTHON_AGENT_URL")
-    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("VALIFI_")}
-
-
 @pytest.fixture(scope="session")
-def stack_env(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """Environment of a running local stack: embedded PostgreSQL, MLflow and Prefect."""
-    data = tmp_path_factory.mktemp("stack")
-    env = {
-        "VALIFI_DATA_DIR": str(data),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
-        "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
-    }
-    up = valifi("stack", "up", env={**_clean_env(), **env})
+def stack_env() -> Iterator[dict[str, str]]:
+    """The session's running stack (embedded PostgreSQL, MLflow, Prefect) and its settings."""
+    up = valifi("stack", "up", env={})
     assert up.returncode == 0, up.stdout + up.stderr
-    yield env
-    down = valifi("stack", "down", env={**_clean_env(), **env})
+    yield dict(STACK_ENV)
+    down = valifi("stack", "down", env={})
     assert down.returncode == 0, down.stdout + down.stderr
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

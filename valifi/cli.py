@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime
+from pathlib import Path
 
 from valifi.settings import Settings
 
@@ -66,6 +67,37 @@ def _seed_data(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.export import InsufficientData, Manifest, export_snapshot
+    from flows.pipeline import export_spec
+    from valifi import stack
+
+    spec = export_spec(settings, args.days, args.limit, args.min_rows)
+    try:
+        snap = export_snapshot(
+            stack.database_url(settings), spec, args.out or settings.snapshots_dir
+        )
+    except InsufficientData as exc:
+        print(f"valifi export: {exc}", file=sys.stderr)
+        return 2
+    print(Manifest.read(snap).to_json())
+    print(f"snapshot: {snap}")
+    return 0
+
+
+def _validate(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.pipeline import validation_spec
+    from flows.validate import validate_snapshot
+
+    result = validate_snapshot(args.snapshot, validation_spec(settings, args.min_rows))
+    if result.success:
+        print(f"validation passed: {result.evaluated} expectations")
+    else:
+        print(result.reason(), file=sys.stderr)
+    print(f"data docs: {result.docs}")
+    return 0 if result.success else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="valifi", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -94,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed only when the table is missing or empty; else leave it",
     )
     s.set_defaults(func=_seed_data)
+
+    s = sub.add_parser("export", help="export bot_training_data into a Parquet snapshot")
+    s.add_argument("--out", type=Path, help="folder to create the snapshot in")
+    s.add_argument("--days", type=float, help="window in days (default: settings, 7)")
+    s.add_argument("--limit", type=int, help="newest rows at most (default: settings, 10000)")
+    s.add_argument("--min-rows", type=int, help="fewer rows than this is an error (100)")
+    s.set_defaults(func=_export)
+
+    s = sub.add_parser("validate", help="validate a snapshot with the expectation suite")
+    s.add_argument("snapshot", type=Path)
+    s.add_argument("--min-rows", type=int, help="minimum rows expected (default: settings)")
+    s.set_defaults(func=_validate)
     return p
 
 

@@ -54,10 +54,30 @@ class Settings(BaseSettings):
     # {"bot_id": "agent", "created_at": "ts"}; unset roles are detected.
     columns: dict[str, str] = Field(default_factory=dict)
 
+    # --- export (defaults follow the original design) ---------------------------
+    export_days: float = 7.0
+    export_limit: int = 10_000
+    min_rows: int = 100
+    # Delays between the retries of tasks that touch the network or the database.
+    retry_delays_s: list[float] = Field(default_factory=lambda: [2.0, 5.0, 15.0])
+
+    # --- validation -----------------------------------------------------------------
+    reward_min: float = -1.0
+    reward_max: float = 1.0
+    data_types: list[str] = Field(
+        default_factory=lambda: ["market_data", "user_feedback", "strategy_result"]
+    )
+    max_null_reward_fraction: float = 0.2
+    max_bad_payload_fraction: float = 0.01
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().absolute()
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
 
     def local_port(self, url: str) -> int | None:
         """The port of `url` when it names this machine, else None (an external service)."""

@@ -6,7 +6,7 @@ import psycopg2
 import pytest
 
 from model.synthetic import BOTS, World
-from tests.conftest import _clean_env, valifi
+from tests.conftest import valifi
 from valifi.seed import SeedError, seed
 
 pytestmark = pytest.mark.e2e
@@ -60,7 +60,7 @@ def _types(url, table="bot_training_data"):
 @pytest.mark.parametrize("layout", ["app", "design"])
 def test_cli_seeds_documented_types(server, fresh_db, layout, stack_env):
     url = fresh_db(server)
-    env = {**_clean_env(), **stack_env, "DATABASE_URL": url}
+    env = {"DATABASE_URL": url}
     r = valifi("seed-data", "--rows", "3000", "--days", "5", "--layout", layout, env=env)
     assert r.returncode == 0, r.stderr
     assert _types(url) == (APP_TYPES if layout == "app" else DESIGN_TYPES)

@@ -11,7 +11,7 @@ import psutil
 import psycopg2
 import pytest
 
-from tests.conftest import _clean_env, free_port, valifi
+from tests.conftest import free_port, valifi
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +22,7 @@ def _pids(data_dir: str) -> dict[str, int]:
 
 
 def test_up_status_and_second_up_reuses(stack_env):
-    env = {**_clean_env(), **stack_env}
+    env = {}
     status = valifi("stack", "status", env=env)
     assert status.returncode == 0, status.stderr
     lines = {line.split()[0]: line for line in status.stdout.splitlines()}
@@ -53,7 +53,6 @@ def test_port_taken_by_something_else_fails_clearly(tmp_path, external_pg):
         squatter.listen()
         port = squatter.getsockname()[1]
         env = {
-            **_clean_env(),
             "VALIFI_DATA_DIR": str(tmp_path),
             "DATABASE_URL": external_pg,
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
@@ -68,7 +67,6 @@ def test_port_taken_by_something_else_fails_clearly(tmp_path, external_pg):
 def test_down_stops_only_what_it_started_and_postgres_persists(tmp_path):
     """A stack of its own: embedded PostgreSQL plus Prefect; a bystander process survives."""
     env = {
-        **_clean_env(),
         "VALIFI_DATA_DIR": str(tmp_path),
         "MLFLOW_TRACKING_URI": "https://mlflow.example.invalid",  # external: not managed
         "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",

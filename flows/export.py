@@ -1,0 +1,301 @@
+"""Export `bot_training_data` into a Parquet snapshot with a manifest.
+
+Rows stream out of PostgreSQL with `COPY (SELECT ...) TO STDOUT` (psycopg 3) inside a
+read-only transaction, are parsed in chunks by Arrow's CSV reader and appended to
+a Parquet file row group by row group, so memory stays flat as the row count
+grows. The snapshot folder is written under a temporary name and renamed only
+when complete: a failed export leaves nothing behind.
+
+    SNAPSHOT/
+      data.parquet    id, bot_id, bot, data_type, input, input_ok, action,
+                      action_ok, reward, created_at (UTC)
+      manifest.json   counts, window, watermark, layout, query, sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from flows.source import Source, detect, export_query, parsed_by_server
+
+MANIFEST = "manifest.json"
+DATA = "data.parquet"
+FORMAT_VERSION = 1
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("bot_id", pa.string()),
+        ("bot", pa.string()),
+        ("data_type", pa.string()),
+        ("input", pa.string()),
+        ("input_ok", pa.bool_()),
+        ("action", pa.string()),
+        ("action_ok", pa.bool_()),
+        ("reward", pa.float64()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+class InsufficientData(RuntimeError):
+    """Fewer rows than the minimum: the run is skipped, not failed."""
+
+
+@dataclass
+class ExportSpec:
+    """What to export; defaults follow the original design (7 days, newest 10,000)."""
+
+    table: str = "bot_training_data"
+    days: float = 7.0
+    limit: int = 10_000
+    min_rows: int = 100
+    until: datetime | None = None  # end of the window (UTC); default now
+    columns: dict[str, str] = field(default_factory=dict)
+    chunk_bytes: int = 4 << 20  # rows parsed and written per chunk
+
+    def window(self) -> tuple[datetime, datetime]:
+        until = self.until or datetime.now(UTC)
+        until = until if until.tzinfo else until.replace(tzinfo=UTC)
+        return until - timedelta(days=self.days), until
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    rows: int
+    null_reward_rows: int
+    bad_input_rows: int  # input is not a JSON object (unparseable text, or a JSON scalar)
+    bad_action_rows: int
+    window: dict[str, str]
+    watermark: str | None  # newest created_at exported
+    oldest: str | None
+    layout: str
+    table: str
+    columns: dict[str, str]
+    query: str
+    limit: int
+    sha256: str
+    bots: dict[str, int]
+    data_types: dict[str, int]
+    exported_at: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, snapshot: Path) -> Manifest:
+        return cls(**json.loads((Path(snapshot) / MANIFEST).read_text()))
+
+
+def canonical(text: str | None) -> tuple[str | None, bool]:
+    """(canonical JSON, is an object) of a payload; text that is not JSON comes back as is."""
+    if text is None:
+        return None, False
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text, False
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode(), isinstance(value, dict)
+
+
+def _false_count(col: pa.ChunkedArray) -> int:
+    """Rows where a boolean column is false or null."""
+    return len(col) - (pc.sum(pc.fill_null(col, False)).as_py() or 0)
+
+
+class _ChunkWriter:
+    """Receives the COPY stream; parses and writes it to Parquet chunk by chunk."""
+
+    def __init__(self, path: Path, chunk_bytes: int, canonicalize: dict[str, bool]):
+        self.blocks: list[bytes] = []
+        self.pending = 0
+        self.chunk_bytes = chunk_bytes
+        self.canonicalize = canonicalize  # payload column -> parse it here
+        self.sha = hashlib.sha256()
+        self.writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
+        self.stats = {"rows": 0, "null_reward": 0, "bad_input": 0, "bad_action": 0}
+        self.bots: dict[str, int] = {}
+        self.data_types: dict[str, int] = {}
+        self.newest = self.oldest = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
+        self.inflight: Future | None = None
+
+    def feed(self, block) -> None:
+        """One block of the COPY stream (whole rows)."""
+        self.blocks.append(bytes(block))
+        self.pending += len(block)
+        if self.pending >= self.chunk_bytes:
+            self._submit()
+
+    def _submit(self) -> None:
+        """Hand the buffered rows to the writer thread; at most one chunk waits there.
+
+        Arrow parses and compresses without the GIL, so writing overlaps reading.
+        """
+        if self.inflight is not None:
+            self.inflight.result()  # bounded memory: one chunk parsing, one filling
+        raw = b"".join(self.blocks)
+        self.blocks.clear()
+        self.pending = 0
+        self.sha.update(raw)
+        self.inflight = self.pool.submit(self._write_chunk, raw)
+
+    def _write_chunk(self, raw: bytes) -> None:
+        table = pacsv.read_csv(
+            io.BytesIO(raw),
+            read_options=pacsv.ReadOptions(column_names=SCHEMA.names),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types={f.name: f.type for f in SCHEMA if f.name != "created_at"}
+                | {"created_at": pa.timestamp("us")},
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                true_values=["t"],
+                false_values=["f"],
+            ),
+        )
+        table = table.set_column(
+            9, "created_at", table["created_at"].cast(pa.timestamp("us", tz="UTC"))
+        )
+        for col, ok_col in (("input", "input_ok"), ("action", "action_ok")):
+            if self.canonicalize[col]:
+                pairs = [canonical(v) for v in table[col].to_pylist()]
+                i = SCHEMA.get_field_index(col)
+                table = table.set_column(i, col, pa.array([p[0] for p in pairs], pa.string()))
+                ok = pa.array([p[1] for p in pairs], pa.bool_())
+                table = table.set_column(i + 1, ok_col, ok)
+        self._count(table)
+        self.writer.write_table(table)
+
+    def _count(self, t: pa.Table) -> None:
+        s = self.stats
+        s["rows"] += t.num_rows
+        s["null_reward"] += t["reward"].null_count
+        s["bad_input"] += _false_count(t["input_ok"])
+        s["bad_action"] += _false_count(t["action_ok"])
+        for key, counts in (("bot", self.bots), ("data_type", self.data_types)):
+            for v in pc.value_counts(t[key]).to_pylist():
+                counts[v["values"]] = counts.get(v["values"], 0) + v["counts"]
+        if t.num_rows:
+            lo, hi = pc.min_max(t["created_at"]).values()
+            self.newest = max(filter(None, [self.newest, hi.as_py()]))
+            self.oldest = min(filter(None, [self.oldest, lo.as_py()]))
+
+    def finish(self) -> None:
+        if self.blocks:
+            self._submit()
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the writer thread and close the file; re-raises a failed chunk."""
+        try:
+            if self.inflight is not None:
+                self.inflight.result()
+        finally:
+            self.inflight = None
+            self.pool.shutdown()
+            if self.writer.is_open:
+                self.writer.close()
+
+
+def export_snapshot(url: str, spec: ExportSpec, out_root: Path) -> Path:
+    """Export one snapshot under `out_root`; returns its folder.
+
+    Raises InsufficientData (and leaves no snapshot) when fewer than
+    `spec.min_rows` rows fall in the window.
+    """
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-snapshot-", dir=out_root))
+    try:
+        manifest = _export_into(url, spec, tmp)
+        if manifest.rows < spec.min_rows:
+            raise InsufficientData(f"insufficient data: {manifest.rows} < {spec.min_rows}")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        final = out_root / f"{stamp}-{manifest.sha256[:12]}"
+        os.rename(tmp, final)  # atomic on one filesystem: the snapshot appears whole
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
+    since, until = spec.window()
+    with psycopg.connect(url) as conn:
+        conn.read_only = True
+        with conn.cursor() as cur:
+            src = detect(cur, spec.table, spec.columns)
+            version = conn.info.server_version
+            params = _window_params(src, since, until) | {"limit": spec.limit}
+            select = export_query(src, version).as_string(conn)
+            sink = _ChunkWriter(
+                folder / DATA,
+                spec.chunk_bytes,
+                {
+                    "input": not parsed_by_server(src, "input", version),
+                    "action": not parsed_by_server(src, "output", version),
+                },
+            )
+            try:
+                with cur.copy(f"COPY ({select}) TO STDOUT WITH (FORMAT csv)", params) as copy:
+                    for block in copy:
+                        sink.feed(block)
+                sink.finish()
+            finally:
+                sink.close()
+        conn.rollback()  # read-only: nothing to keep
+    manifest = _manifest(src, spec, select, sink, since, until)
+    (folder / MANIFEST).write_text(manifest.to_json())
+    return manifest
+
+
+def _window_params(src: Source, since: datetime, until: datetime) -> dict:
+    if src.created_tz:
+        return {"since": since, "until": until}
+    # naive timestamp columns hold UTC
+    return {"since": since.replace(tzinfo=None), "until": until.replace(tzinfo=None)}
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+def _manifest(src, spec, select, sink, since, until) -> Manifest:
+    s = sink.stats
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        rows=s["rows"],
+        null_reward_rows=s["null_reward"],
+        bad_input_rows=s["bad_input"],
+        bad_action_rows=s["bad_action"],
+        window={"since": since.isoformat(), "until": until.isoformat()},
+        watermark=_iso(sink.newest),
+        oldest=_iso(sink.oldest),
+        layout=src.layout,
+        table=src.table,
+        columns=src.columns,
+        query=select,
+        limit=spec.limit,
+        sha256=sink.sha.hexdigest(),
+        bots=dict(sorted(sink.bots.items())),
+        data_types=dict(sorted(sink.data_types.items())),
+        exported_at=datetime.now(UTC).isoformat(),
+    )

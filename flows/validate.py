@@ -1,0 +1,200 @@
+"""Validate a snapshot with a Great Expectations suite before anything trains on it.
+
+The suite checks what training relies on: the columns and their types, bot and
+data type present, rewards inside their bounds, data types from the allowed set,
+timestamps inside the export window, unique ids, few unscored rows and few
+unparseable payloads, and enough rows. The Data Docs HTML is written beside the
+snapshot (`SNAPSHOT/validation/`), with a `validation.json` summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from flows.export import DATA, Manifest
+
+REPORT = "validation"
+SUMMARY = "validation.json"
+EXPECTED_COLUMNS = [
+    "id",
+    "bot_id",
+    "bot",
+    "data_type",
+    "input",
+    "input_ok",
+    "action",
+    "action_ok",
+    "reward",
+    "created_at",
+]
+
+
+@dataclass
+class ValidationSpec:
+    reward_min: float = -1.0
+    reward_max: float = 1.0
+    data_types: list[str] = field(
+        default_factory=lambda: ["market_data", "user_feedback", "strategy_result"]
+    )
+    max_null_reward_fraction: float = 0.2
+    max_bad_payload_fraction: float = 0.01
+    min_rows: int = 100
+
+
+@dataclass
+class Failure:
+    expectation: str
+    column: str | None
+    observed: object
+    details: str
+
+    def line(self) -> str:
+        where = f" on {self.column}" if self.column else ""
+        return f"{self.expectation}{where}: observed {self.observed} ({self.details})"
+
+
+@dataclass
+class ValidationResult:
+    success: bool
+    evaluated: int
+    failures: list[Failure]
+    docs: str | None
+
+    def reason(self) -> str:
+        lines = [f"{len(self.failures)} of {self.evaluated} expectations failed:"]
+        return "\n".join(lines + [f"- {f.line()}" for f in self.failures])
+
+
+class ValidationFailed(RuntimeError):
+    def __init__(self, result: ValidationResult):
+        super().__init__(result.reason())
+        self.result = result
+
+
+def _suite(spec: ValidationSpec, window: dict[str, str]):
+    import great_expectations.expectations as gxe
+
+    since = pd.Timestamp(window["since"])
+    until = pd.Timestamp(window["until"])
+    bad_mostly = 1.0 - spec.max_bad_payload_fraction
+    return [
+        gxe.ExpectTableColumnsToMatchSet(column_set=EXPECTED_COLUMNS, exact_match=True),
+        gxe.ExpectTableRowCountToBeBetween(min_value=spec.min_rows),
+        *[
+            gxe.ExpectColumnValuesToNotBeNull(column=c)
+            for c in ("id", "bot", "data_type", "input", "created_at")
+        ],
+        gxe.ExpectColumnValuesToBeUnique(column="id"),
+        gxe.ExpectColumnValuesToBeInTypeList(column="reward", type_list=["float64", "Float64"]),
+        # (created_at's type is checked by the window expectation: it compares timestamps)
+        gxe.ExpectColumnValuesToBeBetween(
+            column="reward", min_value=spec.reward_min, max_value=spec.reward_max
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="data_type", value_set=spec.data_types),
+        gxe.ExpectColumnValuesToBeBetween(column="created_at", min_value=since, max_value=until),
+        gxe.ExpectColumnValuesToNotBeNull(
+            column="reward", mostly=1.0 - spec.max_null_reward_fraction
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="input_ok", value_set=[True], mostly=bad_mostly),
+    ]
+
+
+def _observed(res) -> object:
+    r = res.result or {}
+    for key in ("observed_value", "unexpected_percent", "unexpected_count"):
+        if r.get(key) is not None:
+            value = r[key]
+            if key == "unexpected_percent":
+                return f"{value:.2f}% unexpected"
+            return value
+    if r.get("details"):
+        return r["details"]
+    return r
+
+
+def _failure(res) -> Failure:
+    cfg = res.expectation_config
+    kwargs = dict(cfg.kwargs)
+    column = kwargs.pop("column", None)
+    kwargs.pop("batch_id", None)
+    r = res.result or {}
+    sample = r.get("partial_unexpected_list")
+    details = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    if sample:
+        details += f"; e.g. {sample[:3]}"
+    return Failure(cfg.type, column, _observed(res), details)
+
+
+def validate_snapshot(snapshot: Path, spec: ValidationSpec | None = None) -> ValidationResult:
+    """Run the suite on a snapshot, write its Data Docs and summary beside it."""
+    import great_expectations as gx
+
+    spec = spec or ValidationSpec()
+    snapshot = Path(snapshot)
+    manifest = Manifest.read(snapshot)
+    df = pd.read_parquet(snapshot / DATA)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = {"globally": False}
+    source = ctx.data_sources.add_pandas("snapshot")
+    asset = source.add_dataframe_asset("bot_training_data")
+    batch_def = asset.add_batch_definition_whole_dataframe("all")
+    suite = ctx.suites.add(gx.ExpectationSuite(name="bot_training_data"))
+    for exp in _suite(spec, manifest.window):
+        suite.add_expectation(exp)
+    vd = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name="snapshot", data=batch_def, suite=suite)
+    )
+    results = vd.run(batch_parameters={"dataframe": df})
+    failures = [_failure(r) for r in results.results if not r.success]
+    docs = _build_docs(ctx, snapshot)
+    result = ValidationResult(
+        success=bool(results.success),
+        evaluated=len(results.results),
+        failures=failures,
+        docs=docs,
+    )
+    summary = asdict(result) | {"validated_at": datetime.now().astimezone().isoformat()}
+    _write_atomic(snapshot / SUMMARY, json.dumps(summary, indent=2, default=str))
+    return result
+
+
+def _build_docs(ctx, snapshot: Path) -> str | None:
+    """Data Docs into SNAPSHOT/validation/, built aside and renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-docs-", dir=snapshot))
+    try:
+        ctx.add_data_docs_site(
+            site_name="snapshot",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(tmp),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        ctx.build_data_docs(site_names=["snapshot"])
+        final = snapshot / REPORT
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        return str(final / "index.html")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,224 @@
+"""Export and validation against real PostgreSQL, in both source layouts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg2
+import pyarrow.parquet as pq
+import pytest
+
+from flows import export as export_mod
+from flows.export import ExportSpec, InsufficientData, Manifest, export_snapshot
+from flows.source import SourceError
+from flows.validate import ValidationSpec, validate_snapshot
+from model.synthetic import BOTS, BadRows, World
+from tests.conftest import valifi
+from valifi.seed import seed
+
+pytestmark = pytest.mark.e2e
+
+NOW = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+def _execute(url: str, statement: str) -> None:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(statement)
+    conn.close()
+
+
+@pytest.fixture(params=["app", "design"])
+def layout(request):
+    return request.param
+
+
+@pytest.fixture
+def seeded(fresh_db, external_pg, layout):
+    """3,000 rows over 10 days (about 2,100 of them in the default 7-day window)."""
+    url = fresh_db(external_pg)
+    seed(url, 3000, days=10, layout=layout, world=World(seed=5), end=NOW)
+    return url
+
+
+def test_clean_export(seeded, layout, tmp_path):
+    snap = export_snapshot(seeded, ExportSpec(limit=100_000), tmp_path)
+    m = Manifest.read(snap)
+    table = pq.read_table(snap / "data.parquet")
+    df = table.to_pandas()
+
+    assert m.rows == len(df) and 1800 < m.rows < 2400  # only the last 7 of 10 days
+    assert m.layout == layout
+    assert m.null_reward_rows == 0 and m.bad_input_rows == 0
+    assert str(table.schema.field("created_at").type) == "timestamp[us, tz=UTC]"
+    assert str(table.schema.field("reward").type) == "double"
+    assert df["created_at"].is_monotonic_decreasing  # newest first
+    since = datetime.fromisoformat(m.window["since"])
+    until = datetime.fromisoformat(m.window["until"])
+    assert df["created_at"].min() >= since and df["created_at"].max() < until
+    assert datetime.fromisoformat(m.watermark) == df["created_at"].max()
+    assert set(df["bot"]) == set(BOTS)  # names, not ids, in both layouts
+    assert m.bots == df["bot"].value_counts().sort_index().to_dict()
+    if layout == "app":
+        assert not (set(df["bot_id"]) & set(BOTS))  # ids are uuids beside the names
+    inputs = [json.loads(x) for x in df["input"]]
+    assert all(isinstance(x, dict) and x["task"] for x in inputs)
+    assert all(
+        json.loads(a) in BOTS[b].actions for a, b in zip(df["action"], df["bot"], strict=True)
+    )
+    assert '"bot_training_data"' in m.query and "%(limit)s" in m.query
+    assert len(m.sha256) == 64
+
+
+def test_limit_and_window_and_stable_sha(seeded, tmp_path):
+    a = Manifest.read(
+        export_snapshot(
+            seeded, ExportSpec(limit=500, until=NOW + timedelta(seconds=1)), tmp_path / "a"
+        )
+    )
+    b_snap = export_snapshot(
+        seeded, ExportSpec(limit=500, until=NOW + timedelta(seconds=1)), tmp_path / "b"
+    )
+    b = Manifest.read(b_snap)
+    assert a.rows == 500 and a.sha256 == b.sha256  # same data, same sha256
+    c = Manifest.read(export_snapshot(seeded, ExportSpec(limit=501), tmp_path / "c"))
+    assert c.sha256 != a.sha256
+    short = Manifest.read(
+        export_snapshot(seeded, ExportSpec(days=1, limit=100_000, min_rows=0), tmp_path / "d")
+    )
+    assert 200 < short.rows < 400
+
+
+def test_key_order_and_whitespace_do_not_change_the_snapshot(fresh_db, external_pg, tmp_path):
+    url = fresh_db(external_pg)
+    seed(url, 120, layout="design", world=World(seed=1), end=NOW)
+    _execute(
+        url,
+        'UPDATE bot_training_data SET input = \'{ "b": 1,   "a": {"y": 2, "x": 3}}\' WHERE id = 1',
+    )
+    snap = export_snapshot(url, ExportSpec(), tmp_path)
+    df = pq.read_table(snap / "data.parquet").to_pandas().set_index("id")
+    assert json.loads(df.loc["1", "input"]) == {"a": {"x": 3, "y": 2}, "b": 1}
+    _execute(url, 'UPDATE bot_training_data SET input = \'{"a":{"x":3,"y":2},"b":1}\' WHERE id = 1')
+    again = pq.read_table(export_snapshot(url, ExportSpec(), tmp_path / "2") / "data.parquet")
+    assert again.to_pandas().set_index("id").loc["1", "input"] == df.loc["1", "input"]
+
+
+def test_bad_rows_fail_the_right_expectations(fresh_db, external_pg, layout, tmp_path):
+    url = fresh_db(external_pg)
+    bad = BadRows(null_reward=0.3, out_of_range=0.02, malformed=0.05)
+    seed(url, 2000, layout=layout, world=World(seed=9), end=NOW, bad=bad)
+    snap = export_snapshot(url, ExportSpec(), tmp_path)
+    m = Manifest.read(snap)
+    assert m.null_reward_rows == 600 and m.bad_input_rows == 100
+    result = validate_snapshot(snap, ValidationSpec())
+    assert not result.success
+    failed = {(f.expectation, f.column) for f in result.failures}
+    assert failed == {
+        ("expect_column_values_to_be_between", "reward"),
+        ("expect_column_values_to_not_be_null", "reward"),
+        ("expect_column_values_to_be_in_set", "input_ok"),
+    }
+    reason = result.reason()
+    assert "30.00% unexpected" in reason and "5.00% unexpected" in reason and "50.0" in reason
+    assert (snap / "validation" / "index.html").is_file()
+    assert json.loads((snap / "validation.json").read_text())["success"] is False
+
+
+def test_clean_snapshot_passes_and_other_limits_are_enforced(seeded, tmp_path):
+    snap = export_snapshot(seeded, ExportSpec(), tmp_path)
+    assert validate_snapshot(snap).success
+    strict = validate_snapshot(snap, ValidationSpec(data_types=["market_data"], min_rows=5000))
+    failed = {f.expectation for f in strict.failures}
+    assert failed == {"expect_column_values_to_be_in_set", "expect_table_row_count_to_be_between"}
+
+
+def test_empty_and_too_small_tables(fresh_db, external_pg, tmp_path):
+    url = fresh_db(external_pg)
+    seed(url, 42, world=World(seed=3), end=NOW)
+    with pytest.raises(InsufficientData, match=r"insufficient data: 42 < 100"):
+        export_snapshot(url, ExportSpec(), tmp_path)
+    _execute(url, "DELETE FROM bot_training_data")
+    with pytest.raises(InsufficientData, match=r"insufficient data: 0 < 100"):
+        export_snapshot(url, ExportSpec(), tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no snapshot, no temporary folder
+
+
+def test_malicious_table_name_is_quoted_not_executed(fresh_db, external_pg, tmp_path):
+    url = fresh_db(external_pg)
+    seed(url, 150, world=World(seed=3), end=NOW)
+    evil = 'bot_training_data"; DROP TABLE trading_bots; --'
+    with pytest.raises(SourceError, match="does not exist"):
+        export_snapshot(url, ExportSpec(table=evil), tmp_path)
+    # a table that really has such a name is exported, quoted
+    _execute(url, f'ALTER TABLE bot_training_data RENAME TO "{evil.replace(chr(34), chr(34) * 2)}"')
+    snap = export_snapshot(url, ExportSpec(table=evil), tmp_path)
+    assert Manifest.read(snap).rows == 150
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM trading_bots")
+        assert cur.fetchone()[0] == len(BOTS)
+    conn.close()
+
+
+def test_explicit_column_mapping_for_another_schema(fresh_db, external_pg, tmp_path):
+    url = fresh_db(external_pg)
+    seed(url, 300, layout="design", world=World(seed=3), end=NOW)
+    _execute(
+        url,
+        'ALTER TABLE bot_training_data RENAME COLUMN "botId" TO agent;'
+        'ALTER TABLE bot_training_data RENAME COLUMN "createdAt" TO ts',
+    )
+    with pytest.raises(SourceError, match="no column for bot_id"):
+        export_snapshot(url, ExportSpec(), tmp_path)
+    snap = export_snapshot(
+        url, ExportSpec(columns={"bot_id": "agent", "created_at": "ts"}), tmp_path
+    )
+    m = Manifest.read(snap)
+    assert m.layout == "custom" and m.rows == 300 and set(m.bots) == set(BOTS)
+
+
+def test_database_stopped_mid_export_leaves_no_snapshot(tmp_path, monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+    server = pgserver.get_server(tmp_path / "pg", cleanup_mode="stop")
+    try:
+        url = server.get_uri()
+        seed(url, 60_000, days=5, world=World(seed=2), end=NOW)
+        stopped = threading.Event()
+        original = export_mod._ChunkWriter._write_chunk
+
+        def write_then_stop(self, raw):
+            original(self, raw)
+            if not stopped.is_set():  # first chunk on disk: now the database goes away
+                stopped.set()
+                server.get_postmaster_info().process.send_signal(2)  # fast shutdown
+                server.get_postmaster_info().process.wait(20)
+
+        monkeypatch.setattr(export_mod._ChunkWriter, "_write_chunk", write_then_stop)
+        out = tmp_path / "snapshots"
+        with pytest.raises(Exception, match=r"terminat|closed|lost|server"):
+            export_snapshot(url, ExportSpec(limit=100_000, chunk_bytes=1 << 20), out)
+        assert stopped.is_set()
+        assert list(out.iterdir()) == []
+    finally:
+        server.cleanup()
+
+
+def test_cli_export_and_validate(seeded, tmp_path):
+    r = valifi("export", "--out", str(tmp_path), env={"DATABASE_URL": seeded})
+    assert r.returncode == 0, r.stderr
+    snap = Path(r.stdout.strip().splitlines()[-1].removeprefix("snapshot: "))
+    assert json.loads(r.stdout[: r.stdout.rindex("}") + 1])["rows"] == Manifest.read(snap).rows
+    ok = valifi("validate", str(snap), env={})
+    assert ok.returncode == 0 and "validation passed" in ok.stdout
+    strict = valifi("validate", str(snap), "--min-rows", "100000", env={})
+    assert strict.returncode == 1
+    assert "expect_table_row_count_to_be_between" in strict.stderr
+    small = valifi(
+        "export", "--out", str(tmp_path), "--min-rows", "100000", env={"DATABASE_URL": seeded}
+    )
+    assert small.returncode != 0 and "insufficient data" in small.stderr
