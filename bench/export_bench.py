@@ -27,7 +27,6 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.export import ExportSpec  # noqa: E402
 from flows.source import detect, export_query  # noqa: E402
 from model.synthetic import World  # noqa: E402
 from valifi.seed import seed  # noqa: E402
@@ -66,9 +65,10 @@ def grow(url: str, table: str, rows: int) -> None:
             take = min(have, rows - have)
             conn.execute(
                 sql.SQL(
-                    "INSERT INTO {t} (id, bot_id, data_type, input, actual_output, reward, created_at) "
-                    "SELECT gen_random_uuid()::text, bot_id, data_type, input, actual_output, reward, "
-                    "created_at - interval '1 second' * random() FROM {t} LIMIT %s"
+                    "INSERT INTO {t} (id, bot_id, data_type, input, actual_output, reward, "
+                    "created_at) SELECT gen_random_uuid()::text, bot_id, data_type, input, "
+                    "actual_output, reward, created_at - interval '1 second' * random() "
+                    "FROM {t} LIMIT %s"
                 ).format(t=sql.Identifier(table)),
                 (take,),
             )
