@@ -77,7 +77,7 @@ def grow(url: str, table: str, rows: int) -> None:
 
 
 def psql_copy(url: str, table: str, limit: int) -> float:
-    with psycopg.connect(url) as conn, conn.cursor() as cur:
+    with psycopg.connect(url) as conn, psycopg.ClientCursor(conn) as cur:
         src = detect(cur, table)
         q = export_query(src, conn.info.server_version).as_string(conn)
         params = {"since": "1970-01-01", "until": "2100-01-01", "limit": limit}

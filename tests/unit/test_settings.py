@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,14 @@ from valifi.settings import Settings
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for var in ("DATABASE_URL", "MLFLOW_TRACKING_URI", "VALIFI_DATA_DIR", "VALIFI_TABLE"):
-        monkeypatch.delenv(var, raising=False)
+    for var in list(os.environ):
+        if var.startswith("VALIFI_") or var in (
+            "DATABASE_URL",
+            "MLFLOW_TRACKING_URI",
+            "PREFECT_API_URL",
+            "PYTHON_AGENT_URL",
+        ):
+            monkeypatch.delenv(var)
     return tmp_path
 
 

@@ -1,0 +1,225 @@
+"""The model artifact: one folder, JSON and safetensors only (never pickle).
+
+    ARTIFACT/
+      model.safetensors   weights of the RewardModel
+      config.json         ModelConfig, TrainConfig and where the model came from
+      featurizer.json     key paths, numeric statistics, word vocabulary
+      action_bank.json    per bot: the actions seen in training, most frequent first
+      canary.json         a few pairs with the scores this model gave them
+      metrics.json        evaluation on the temporal holdout
+
+`load()` rebuilds the model anywhere and `AgentModel.verify()` checks that it
+reproduces the canary scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.features import Featurizer, canonical_json
+from model.module import to_tensors
+from model.network import ModelConfig, RewardModel
+
+FILES = (
+    "model.safetensors",
+    "config.json",
+    "featurizer.json",
+    "action_bank.json",
+    "canary.json",
+    "metrics.json",
+)
+BANK_CAP = 32
+CANARY_SIZE = 16
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing files, cannot be read, or does not reproduce its canaries."""
+
+
+@dataclass
+class Ranked:
+    action: dict
+    score: float
+
+
+class AgentModel:
+    """A trained reward model with its featurizer and action bank, ready to rank actions."""
+
+    def __init__(
+        self,
+        net: RewardModel,
+        featurizer: Featurizer,
+        bank: dict[str, list[dict]],
+        default_data_type: dict[str, str],
+        config: dict,
+        canary: list[dict],
+        metrics: dict,
+    ):
+        self.net = net.eval()
+        self.featurizer = featurizer
+        self.bank = bank
+        self.default_data_type = default_data_type
+        self.config = config
+        self.canary = canary
+        self.metrics = metrics
+
+    @property
+    def bots(self) -> list[str]:
+        return sorted(self.bank)
+
+    @torch.inference_mode()
+    def score(
+        self, rows: list[tuple[str, str, object, object]], batch_size: int = 512
+    ) -> np.ndarray:
+        """Expected reward of each (bot, data_type, input, action) row: one batched pass."""
+        out = []
+        for i in range(0, len(rows), batch_size):
+            x = to_tensors(self.featurizer.encode(rows[i : i + batch_size]))
+            out.append(self.net(*x).float().numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def rank_many(
+        self,
+        requests: list[tuple[str, dict, list[dict] | None]],
+        data_types: list[str | None] | None = None,
+    ) -> list[list[Ranked]]:
+        """For each (bot, input, candidates or None for the bank): candidates, best first.
+
+        All candidates of all requests are scored in one batched forward pass.
+        """
+        rows, spans = [], []
+        for i, (bot, x, candidates) in enumerate(requests):
+            cands = candidates if candidates else self.bank.get(bot, [])
+            dt = (data_types[i] if data_types else None) or self.default_data_type.get(
+                bot, "market_data"
+            )
+            spans.append((len(rows), len(rows) + len(cands), cands))
+            rows.extend((bot, dt, x, a) for a in cands)
+        scores = self.score(rows)
+        ranked = []
+        for lo, hi, cands in spans:
+            order = np.argsort(-scores[lo:hi], kind="stable")
+            ranked.append([Ranked(cands[k], float(scores[lo + k])) for k in order])
+        return ranked
+
+    def choose(self, bots, inputs, data_types=None) -> list[dict]:
+        """The best bank action for each (bot, input): the learned policy."""
+        reqs = [(b, x, None) for b, x in zip(bots, inputs, strict=True)]
+        return [r[0].action for r in self.rank_many(reqs, data_types)]
+
+    def verify(self, atol: float = 1e-4) -> float:
+        """Re-score the canary set; raises ArtifactError past `atol`. Returns the max error."""
+        if not self.canary:
+            raise ArtifactError("artifact has no canary set")
+        rows = [(c["bot"], c["data_type"], c["input"], c["action"]) for c in self.canary]
+        got = self.score(rows)
+        want = np.array([c["score"] for c in self.canary])
+        err = float(np.max(np.abs(got - want)))
+        if not np.isfinite(err) or err > atol:
+            raise ArtifactError(
+                f"canary scores differ by {err:.3g} (> {atol:g}): corrupt or incompatible artifact"
+            )
+        return err
+
+
+def action_bank(df: pd.DataFrame, cap: int = BANK_CAP) -> dict[str, list[dict]]:
+    """Per bot, the distinct actions of the training rows, most frequent first."""
+    bank = {}
+    for bot, group in df.groupby("bot", sort=True):
+        counts = Counter(canonical_json(a) for a in group["action"])
+        ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:cap]
+        bank[str(bot)] = [json.loads(k) for k, _ in ordered]
+    return bank
+
+
+def default_data_types(df: pd.DataFrame) -> dict[str, str]:
+    return {str(b): str(g["data_type"].mode().iloc[0]) for b, g in df.groupby("bot")}
+
+
+def canary_rows(df: pd.DataFrame, k: int = CANARY_SIZE) -> list[dict]:
+    take = df.iloc[np.linspace(0, len(df) - 1, min(k, len(df))).astype(int)]
+    return [
+        {"bot": r.bot, "data_type": r.data_type, "input": r.input, "action": r.action}
+        for r in take.itertuples()
+    ]
+
+
+def save(
+    out: Path,
+    net: RewardModel,
+    featurizer: Featurizer,
+    bank: dict,
+    default_dt: dict,
+    config: dict,
+    canary: list[dict],
+    metrics: dict,
+) -> Path:
+    """Write the artifact folder atomically; canary scores are computed here, by this net."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = AgentModel(net, featurizer, bank, default_dt, config, [], metrics)
+    scores = model.score([(c["bot"], c["data_type"], c["input"], c["action"]) for c in canary])
+    canary = [c | {"score": float(s)} for c, s in zip(canary, scores, strict=True)]
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-artifact-", dir=out.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        texts = {
+            "config.json": json.dumps(config, indent=2),
+            "featurizer.json": featurizer.to_json(),
+            "action_bank.json": json.dumps(
+                {"bank": bank, "default_data_type": default_dt}, indent=2
+            ),
+            "canary.json": json.dumps(canary, indent=2),
+            "metrics.json": json.dumps(metrics, indent=2),
+        }
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load(path: Path, verify: bool = True) -> AgentModel:
+    """Rebuild an AgentModel from an artifact folder (and check its canaries)."""
+    path = Path(path)
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise ArtifactError(f"artifact {path} lacks {', '.join(missing)}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        featurizer = Featurizer.from_json((path / "featurizer.json").read_text())
+        bank = json.loads((path / "action_bank.json").read_text())
+        net = RewardModel(ModelConfig(**config["model"]))
+        net.load_state_dict(load_file(path / "model.safetensors"))
+        model = AgentModel(
+            net,
+            featurizer,
+            bank["bank"],
+            bank["default_data_type"],
+            config,
+            json.loads((path / "canary.json").read_text()),
+            json.loads((path / "metrics.json").read_text()),
+        )
+    except ArtifactError:
+        raise
+    except Exception as exc:  # any unreadable part: one clear error
+        raise ArtifactError(f"cannot load artifact {path}: {exc}") from exc
+    if verify:
+        model.verify()
+    return model

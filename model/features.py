@@ -1,0 +1,208 @@
+"""Featurisation: an (input, action) pair of JSON documents → one token sequence.
+
+A document is flattened into leaves sorted by key path, so key order and
+whitespace never matter. Every leaf starts with a token for its key path:
+
+- a number becomes that one token, carrying the value (standardised per path
+  with statistics from the training snapshot) so the network can compare it
+  with a level;
+- a string (or a boolean) becomes the path token followed by its words, from a
+  word-level `tokenizers` vocabulary built on the training snapshot.
+
+Sequence: [CLS] meta leaves (bot, data type) · input leaves · [SEP] · action leaves.
+Segment ids tell context (0) from action (1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+PAD, UNK, CLS, SEP, UNK_PATH = 0, 1, 2, 3, 4
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[UNK_PATH]"]
+MAX_WORDS_PER_LEAF = 12
+Z_CLIP = 6.0
+
+
+def canonical_json(doc) -> str:
+    """The one text form of a JSON value: sorted keys, no insignificant whitespace."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def leaves(doc, prefix: str) -> Iterator[tuple[str, object]]:
+    """(key path, scalar) pairs in sorted path order; list items share a path."""
+    if isinstance(doc, dict):
+        for key in sorted(doc):
+            yield from leaves(doc[key], f"{prefix}.{key}")
+    elif isinstance(doc, list):
+        for item in doc:
+            yield from leaves(item, f"{prefix}[]")
+    else:
+        yield prefix, doc
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _text(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "null" if v is None else str(v)
+
+
+def _pair_leaves(bot: str, data_type: str, x, action) -> tuple[list, list]:
+    meta = {"bot": bot, "data_type": data_type}
+    x = x if isinstance(x, dict) else {"_raw": _text(x)}
+    action = action if isinstance(action, dict) else {"_raw": _text(action)}
+    ctx = [*leaves(meta, "meta"), *leaves(x, "in")]
+    return ctx, list(leaves(action, "act"))
+
+
+@dataclass
+class Encoded:
+    """A batch of sequences, each (N, max_len)."""
+
+    ids: np.ndarray  # int64 token ids
+    nums: np.ndarray  # float32 standardised values (0 where not numeric)
+    is_num: np.ndarray  # float32 1.0 on numeric tokens
+    segment: np.ndarray  # int64 0 context, 1 action
+
+
+class Featurizer:
+    """Vocabulary of key paths and words, and numeric statistics, built from a snapshot."""
+
+    def __init__(
+        self,
+        paths: dict[str, int],
+        num_stats: dict[str, tuple[float, float]],
+        words: Tokenizer,
+        max_len: int,
+    ):
+        self.paths = paths
+        self.num_stats = num_stats
+        self.words = words
+        self.max_len = max_len
+        self._word_cache: dict[str, list[int]] = {}
+
+    # -- building --
+    @classmethod
+    def build(
+        cls,
+        rows: Iterable[tuple[str, str, object, object]],
+        max_len: int = 64,
+        min_count: int = 2,
+        max_words: int = 5000,
+    ) -> Featurizer:
+        """Learn paths, numeric statistics and words from (bot, data_type, input, action) rows."""
+        path_counts: Counter[str] = Counter()
+        values: dict[str, list[float]] = {}
+        texts: list[str] = []
+        for bot, data_type, x, action in rows:
+            ctx, act = _pair_leaves(bot, data_type, x, action)
+            for path, v in ctx + act:
+                path_counts[path] += 1
+                if _is_number(v):
+                    values.setdefault(path, []).append(float(v))
+                else:
+                    texts.append(_text(v))
+        kept = sorted(p for p, c in path_counts.items() if c >= min_count)
+        paths = {p: len(SPECIALS) + i for i, p in enumerate(kept)}
+        stats = {p: (float(np.mean(v)), float(np.std(v)) or 1.0) for p, v in values.items()}
+        words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        words.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        words.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=max_words,
+            min_frequency=min_count,
+            special_tokens=["[UNK]"],
+            show_progress=False,
+        )
+        words.train_from_iterator(texts, trainer=trainer)
+        return cls(paths, stats, words, max_len)
+
+    @property
+    def word_offset(self) -> int:
+        return len(SPECIALS) + len(self.paths)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.word_offset + self.words.get_vocab_size()
+
+    # -- encoding --
+    def _word_ids(self, text: str) -> list[int]:
+        ids = self._word_cache.get(text)
+        if ids is None:
+            unk = self.words.token_to_id("[UNK]")
+            ids = [
+                UNK if i == unk else self.word_offset + i
+                for i in self.words.encode(text).ids[:MAX_WORDS_PER_LEAF]
+            ]
+            if len(self._word_cache) < 100_000:
+                self._word_cache[text] = ids
+        return ids
+
+    def _leaf_tokens(self, path: str, v, seg: int, out: list) -> None:
+        pid = self.paths.get(path, UNK_PATH)
+        if _is_number(v):
+            mean, std = self.num_stats.get(path, (0.0, 1.0))
+            z = max(-Z_CLIP, min(Z_CLIP, (float(v) - mean) / std))
+            out.append((pid, z, 1.0, seg))
+        else:
+            out.append((pid, 0.0, 0.0, seg))
+            out.extend((w, 0.0, 0.0, seg) for w in self._word_ids(_text(v)))
+
+    def tokens(self, bot: str, data_type: str, x, action) -> list[tuple[int, float, float, int]]:
+        """(id, value, is_num, segment) per token; the action part is never truncated."""
+        ctx_leaves, act_leaves = _pair_leaves(bot, data_type, x, action)
+        act: list = [(SEP, 0.0, 0.0, 1)]
+        for path, v in act_leaves:
+            self._leaf_tokens(path, v, 1, act)
+        ctx: list = [(CLS, 0.0, 0.0, 0)]
+        for path, v in ctx_leaves:
+            self._leaf_tokens(path, v, 0, ctx)
+        act = act[: self.max_len // 2]
+        return ctx[: self.max_len - len(act)] + act
+
+    def encode(self, rows: Iterable[tuple[str, str, object, object]]) -> Encoded:
+        """Encode (bot, data_type, input, action) rows into padded arrays."""
+        seqs = [self.tokens(*r) for r in rows]
+        n, length = len(seqs), self.max_len
+        ids = np.zeros((n, length), np.int64)
+        nums = np.zeros((n, length), np.float32)
+        is_num = np.zeros((n, length), np.float32)
+        seg = np.zeros((n, length), np.int64)
+        for i, seq in enumerate(seqs):
+            k = len(seq)
+            if k:
+                a = np.asarray(seq, dtype=np.float64)
+                ids[i, :k], nums[i, :k] = a[:, 0], a[:, 1]
+                is_num[i, :k], seg[i, :k] = a[:, 2], a[:, 3]
+        return Encoded(ids, nums, is_num, seg)
+
+    # -- persistence (JSON only) --
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "max_len": self.max_len,
+                "paths": self.paths,
+                "num_stats": self.num_stats,
+                "words": json.loads(self.words.to_str()),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Featurizer:
+        d = json.loads(text)
+        return cls(
+            paths={k: int(v) for k, v in d["paths"].items()},
+            num_stats={k: (float(v[0]), float(v[1])) for k, v in d["num_stats"].items()},
+            words=Tokenizer.from_str(json.dumps(d["words"])),
+            max_len=int(d["max_len"]),
+        )

@@ -1,0 +1,141 @@
+"""Lightning pieces: the data module over a Parquet snapshot and the LightningModule."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from model.features import Encoded, Featurizer
+from model.network import ModelConfig, RewardModel
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "small"  # network size: small (CPU) or large (GPU)
+    max_len: int = 64
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    max_epochs: int = 30
+    patience: int = 4  # epochs without a better validation loss before stopping
+    val_fraction: float = 0.1  # newest rows of the training part, for checkpoints
+    holdout_fraction: float = 0.2  # newest rows overall, for evaluation only
+    seed: int = 0
+    shuffle_rewards: bool = False  # deliberately break the model (gate tests)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_snapshot(snapshot: Path) -> pd.DataFrame:
+    """Trainable rows of a snapshot, oldest first: scored, with parseable payloads."""
+    df = pd.read_parquet(Path(snapshot) / "data.parquet")
+    ok = df["reward"].notna() & df["input_ok"].fillna(False) & df["action_ok"].fillna(False)
+    df = df[ok].sort_values(["created_at", "id"], kind="mergesort").reset_index(drop=True)
+    df["input"] = [json.loads(s) for s in df["input"]]
+    df["action"] = [json.loads(s) for s in df["action"]]
+    return df
+
+
+def temporal_split(df: pd.DataFrame, val_fraction: float, holdout_fraction: float):
+    """(train, val, holdout) of rows sorted oldest first: the newest rows are the holdout,
+    the newest of the rest validate. Never a random split."""
+    n = len(df)
+    n_hold = round(n * holdout_fraction)
+    n_val = round((n - n_hold) * val_fraction)
+    cut_val, cut_hold = n - n_hold - n_val, n - n_hold
+    return df.iloc[:cut_val], df.iloc[cut_val:cut_hold], df.iloc[cut_hold:]
+
+
+def rows_of(df: pd.DataFrame):
+    return zip(df["bot"], df["data_type"], df["input"], df["action"], strict=True)
+
+
+def to_tensors(enc: Encoded, reward: np.ndarray | None = None) -> list[torch.Tensor]:
+    out = [
+        torch.from_numpy(enc.ids),
+        torch.from_numpy(enc.nums),
+        torch.from_numpy(enc.is_num),
+        torch.from_numpy(enc.segment),
+    ]
+    if reward is not None:
+        out.append(torch.as_tensor(reward, dtype=torch.float32))
+    return out
+
+
+class SnapshotDataModule(L.LightningDataModule):
+    """Reads the snapshot (never queries a database), splits it by time, encodes it."""
+
+    def __init__(self, snapshot: Path, cfg: TrainConfig):
+        super().__init__()
+        self.snapshot = Path(snapshot)
+        self.cfg = cfg
+        self.featurizer: Featurizer | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.featurizer is not None:
+            return
+        df = read_snapshot(self.snapshot)
+        self.train_df, self.val_df, self.holdout_df = temporal_split(
+            df, self.cfg.val_fraction, self.cfg.holdout_fraction
+        )
+        if min(len(self.train_df), len(self.val_df)) == 0:
+            raise ValueError(f"too few trainable rows in {self.snapshot}: {len(df)}")
+        self.featurizer = Featurizer.build(rows_of(self.train_df), max_len=self.cfg.max_len)
+        reward = self.train_df["reward"].to_numpy(np.float32)
+        if self.cfg.shuffle_rewards:
+            reward = np.random.default_rng(self.cfg.seed).permutation(reward)
+        self.train_set = TensorDataset(
+            *to_tensors(self.featurizer.encode(rows_of(self.train_df)), reward)
+        )
+        self.val_set = TensorDataset(
+            *to_tensors(
+                self.featurizer.encode(rows_of(self.val_df)),
+                self.val_df["reward"].to_numpy(np.float32),
+            )
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=512)
+
+
+class RewardRegressor(L.LightningModule):
+    """Fits the expected reward of (input, action) with mean squared error."""
+
+    def __init__(self, model_config: dict, train_config: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = RewardModel(ModelConfig(**model_config))
+        self.lr = train_config["lr"]
+        self.weight_decay = train_config["weight_decay"]
+
+    def forward(self, ids, nums, is_num, segment):
+        return self.net(ids, nums, is_num, segment)
+
+    def _common_step(self, batch, stage: str) -> torch.Tensor:
+        *x, reward = batch
+        pred = self(*x).float()
+        loss = torch.nn.functional.mse_loss(pred, reward)
+        self.log(
+            f"{stage}_loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=len(reward)
+        )
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._common_step(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

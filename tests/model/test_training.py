@@ -1,0 +1,162 @@
+"""Training on CPU: a smoke run, distributed runs, and the artifact round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.artifact import ArtifactError, load
+from tests.conftest import ROOT, free_port
+from tests.helpers import synthetic_snapshot
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--max-epochs", "2", "--no-progress", "--threads", "1"]
+
+
+def _train(snapshot: Path, out: Path, *extra: str, env: dict | None = None, wait: bool = True):
+    cmd = [
+        sys.executable,
+        "-m",
+        "model.train",
+        "--snapshot",
+        str(snapshot),
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]
+    e = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def small_snapshot(tmp_path_factory):
+    return synthetic_snapshot(tmp_path_factory.mktemp("snap"), 1500, seed=3)
+
+
+def test_smoke_run_writes_a_loadable_artifact(small_snapshot, tmp_path):
+    _train(small_snapshot, tmp_path)
+    art = tmp_path / "artifact"
+    assert {p.name for p in art.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "featurizer.json",
+        "action_bank.json",
+        "canary.json",
+        "metrics.json",
+    }
+    assert not list(art.glob("*.pt")) and not list(art.glob("*.pkl"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["metrics"]["rows"] > 0 and np.isfinite(result["metrics"]["rmse"])
+    assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
+    assert list((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    bank = json.loads((art / "action_bank.json").read_text())["bank"]
+    assert set(bank) == {
+        "trading_advanced",
+        "financial_stocks",
+        "analytics_portfolio",
+        "platform_onboarding",
+    }
+    # another process reproduces the canary scores
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from model.artifact import load; print(load(sys.argv[1]).verify())",
+            str(art),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stderr
+    assert float(check.stdout) < 1e-4
+
+
+def test_corrupt_weights_fail_the_canary_check(small_snapshot, tmp_path):
+    _train(small_snapshot, tmp_path)
+    art = tmp_path / "artifact"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(art / "model.safetensors")
+    name = next(k for k in weights if k.startswith("head"))
+    weights[name] = weights[name] + 0.5
+    save_file(weights, art / "model.safetensors")
+    with pytest.raises(ArtifactError, match="canary scores differ"):
+        load(art)
+    (art / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError, match="cannot load"):
+        load(art)
+
+
+def _rank_scores(out: Path) -> dict[int, list[float]]:
+    return {
+        int(p.stem): json.loads(p.read_text())["canary_scores"]
+        for p in (out / "ranks").glob("*.json")
+    }
+
+
+def test_ddp_two_processes_on_one_machine(small_snapshot, tmp_path):
+    _train(small_snapshot, tmp_path, "--devices", "2", "--accelerator", "cpu")
+    scores = _rank_scores(tmp_path)
+    assert set(scores) == {0, 1}
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-6)
+    cfg = json.loads((tmp_path / "artifact" / "config.json").read_text())
+    assert cfg["trainer"]["world_size"] == 2
+    assert load(tmp_path / "artifact").verify() < 1e-4
+
+
+def test_two_nodes_on_localhost_form_one_group(small_snapshot, tmp_path):
+    port = str(free_port())
+    procs = [
+        _train(
+            small_snapshot,
+            tmp_path,
+            "--num-nodes",
+            "2",
+            "--devices",
+            "1",
+            "--accelerator",
+            "cpu",
+            "--strategy",
+            "ddp",
+            wait=False,
+            env={
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "NODE_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+            },
+        )
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    scores = _rank_scores(tmp_path)
+    assert set(scores) == {0, 1}
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-6)
+    assert (
+        json.loads((tmp_path / "artifact" / "config.json").read_text())["trainer"]["num_nodes"] == 2
+    )
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_run(small_snapshot, tmp_path):
+    _train(small_snapshot, tmp_path, "--accelerator", "gpu", "--precision", "bf16-mixed")
+    cfg = json.loads((tmp_path / "artifact" / "config.json").read_text())
+    assert "bf16" in cfg["trainer"]["precision"]
+    assert load(tmp_path / "artifact").verify() < 1e-3
