@@ -8,16 +8,25 @@ state: Completed (promoted vN / rejected by the gate), Completed named "Skipped"
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed
 
+from flows import registry
 from flows.export import ExportSpec, InsufficientData, Manifest, export_snapshot
+from flows.gate import GateSpec, decide
 from flows.source import SourceError
 from flows.validate import ValidationFailed, ValidationSpec, validate_snapshot
 from valifi.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Errors that another try cannot fix: the run fails at once with the reason.
 PERMANENT = (SourceError, ValueError, ValidationFailed)
@@ -100,13 +109,159 @@ def validate_task(snapshot: str, spec: ValidationSpec) -> str:
     return result.docs or ""
 
 
+def gate_spec(settings: Settings) -> GateSpec:
+    return GateSpec(
+        auc_min=settings.gate_auc_min,
+        rmse_ratio_max=settings.gate_rmse_ratio_max,
+        max_regression=settings.gate_max_regression,
+        confidence=settings.gate_confidence,
+    )
+
+
+@task(name="train")
+def train_task(snapshot: str, out: Path, args: list[str]) -> str:
+    """Train in a process of its own (`python -m model.train`), so DDP can launch ranks."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "model.train",
+        "--snapshot",
+        snapshot,
+        "--out",
+        str(out),
+        "--no-progress",
+        *args,
+    ]
+    get_run_logger().info("training: %s", " ".join(cmd[1:]))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    (Path(out) / "train.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+        raise RuntimeError(f"training failed (exit {r.returncode}): {tail}")
+    get_run_logger().info("trained: %s", r.stdout.strip().splitlines()[-1])
+    return str(out)
+
+
+@task(name="evaluate", retry_condition_fn=_retry_unless_permanent)
+def evaluate_task(
+    tracking_uri: str, train_out: str, snapshot: str, spec: GateSpec, model_name: str
+) -> dict:
+    """Score the challenger and the current champion on the same holdout; apply the gate."""
+    from model.artifact import load
+    from model.evaluation import evaluate, per_row
+    from model.module import read_snapshot, temporal_split
+
+    result = json.loads((Path(train_out) / "result.json").read_text())
+    train_cfg = result["config"]["train"]
+    df = read_snapshot(Path(snapshot))
+    train_df, _, holdout = temporal_split(
+        df, train_cfg["val_fraction"], train_cfg["holdout_fraction"]
+    )
+    train_mean = float(train_df["reward"].mean())
+    challenger = load(Path(train_out) / "artifact")
+    new_metrics = evaluate(challenger, holdout, train_mean)
+    old = registry.champion(registry.client(tracking_uri), model_name)
+    if old is None:
+        decision = decide(spec, new_metrics, per_row(challenger, holdout)["sq_err"])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            champ = load(registry.download(tracking_uri, old.version, Path(tmp), model_name))
+            decision = decide(
+                spec,
+                new_metrics,
+                per_row(challenger, holdout)["sq_err"],
+                evaluate(champ, holdout, train_mean),
+                per_row(champ, holdout)["sq_err"],
+                old.version,
+            )
+    get_run_logger().info("gate: %s", decision.summary())
+    return decision.to_dict() | {"summary": decision.summary()}
+
+
+@task(name="register", retries=2, retry_delay_seconds=[2, 10])
+def register_task(
+    tracking_uri: str, train_out: str, snapshot: str, gate: dict, model_name: str
+) -> str:
+    m = Manifest.read(Path(snapshot))
+    result = json.loads((Path(train_out) / "result.json").read_text())
+    lineage = {
+        "snapshot_sha256": m.sha256,
+        "snapshot_rows": m.rows,
+        "window_since": m.window["since"],
+        "window_until": m.window["until"],
+        "watermark": m.watermark,
+        "source_layout": m.layout,
+        "git_commit": registry.git_commit(),
+        "config": json.dumps({k: result["config"][k] for k in ("model", "train", "trainer")}),
+        "gate_decision": "pass" if gate["passed"] else "reject",
+        "gate_reasons": "; ".join(gate["reasons"]),
+        "flow_run": _flow_run_name(),
+    }
+    mv = registry.log_and_register(
+        tracking_uri, Path(train_out), Path(snapshot), gate, lineage, model_name
+    )
+    get_run_logger().info("registered %s v%s", model_name, mv.version)
+    return mv.version
+
+
+@task(name="load-check")
+def load_check_task(tracking_uri: str, version: str, model_name: str) -> str:
+    return registry.load_check(tracking_uri, version, model_name)
+
+
+@task(name="promote", retries=2, retry_delay_seconds=[2, 10])
+def promote_task(tracking_uri: str, version: str, reason: str, model_name: str) -> dict:
+    c = registry.client(tracking_uri)
+    return registry.move_alias(
+        c, version, reason, f"prefect:{_flow_run_name()}", "promote", model_name
+    )
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"train/{flow_run.name}" if flow_run.name else "train"
+
+
+def _train_args(
+    settings: Settings,
+    devices: int | None,
+    num_nodes: int | None,
+    max_epochs: int | None,
+    extra: list[str],
+) -> list[str]:
+    args = [
+        "--devices",
+        str(devices or settings.train_devices),
+        "--num-nodes",
+        str(num_nodes or settings.train_num_nodes),
+    ]
+    epochs = max_epochs or settings.train_max_epochs
+    if epochs:
+        args += ["--max-epochs", str(epochs)]
+    if settings.synthetic_ground_truth:
+        args += ["--ground-truth", "synthetic"]
+        if settings.synthetic_drift_at:
+            args += ["--drift-at", settings.synthetic_drift_at]
+    return args + list(extra)
+
+
 @flow(name="train", log_prints=True)
 def train(
     days: float | None = None,
     limit: int | None = None,
     min_rows: int | None = None,
+    devices: int | None = None,
+    num_nodes: int | None = None,
+    max_epochs: int | None = None,
+    train_args: list[str] | None = None,
 ):
-    """Export the newest rows, validate them, then train, gate, register and promote."""
+    """Export the newest rows, validate them, train, gate against the champion, register,
+    check that the registered version loads, and promote it when the gate passes.
+
+    `train_args` go to `python -m model.train` as they are (e.g. ["--preset", "large"]).
+    """
     from valifi.stack import database_url
 
     settings = Settings()
@@ -120,4 +275,20 @@ def train(
     if outcome.snapshot is None:
         return Completed(name="Skipped", message=f"skipped: {outcome.reason}")
     validate_task(outcome.snapshot, validation_spec(settings, min_rows))
-    return Completed(message=f"validated snapshot {Path(outcome.snapshot).name}")
+    out = settings.runs_dir / f"{Path(outcome.snapshot).name}-{uuid.uuid4().hex[:8]}"
+    args = _train_args(settings, devices, num_nodes, max_epochs, train_args or [])
+    train_out = train_task(outcome.snapshot, out, args)
+    uri, name = settings.mlflow_tracking_uri, settings.model_name
+    gate = evaluate_task.with_options(retries=len(delays), retry_delay_seconds=delays)(
+        uri, train_out, outcome.snapshot, gate_spec(settings), name
+    )
+    version = register_task(uri, train_out, outcome.snapshot, gate, name)
+    if not gate["passed"]:
+        return Completed(
+            name="Rejected",
+            message=f"rejected by the gate (v{version} registered, not promoted): "
+            + "; ".join(gate["reasons"]),
+        )
+    load_check_task(uri, version, name)
+    promote_task(uri, version, gate["summary"], name)
+    return Completed(message=f"promoted v{version}: " + "; ".join(gate["reasons"]))

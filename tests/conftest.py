@@ -12,44 +12,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# The test session's own stack: ports and folders of its own, set before any test
-# module imports Prefect or MLflow (both read their settings early). Flows called
-# in-process and `valifi` subprocesses alike then talk to these services.
-_SESSION_DIR = Path(tempfile.mkdtemp(prefix="valifi-tests-"))
-STACK_ENV = {
-    "VALIFI_DATA_DIR": str(_SESSION_DIR / "stack"),
-    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
-    "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
-    "PREFECT_HOME": str(_SESSION_DIR / "prefect-client"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
-    "VALIFI_RETRY_DELAYS_S": "[0.2, 0.2]",
-}
-for _var in ("DATABASE_URL", "PYTHON_AGENT_URL"):
-    os.environ.pop(_var, None)
-os.environ.update(STACK_ENV)
+from tests.helpers import _SESSION_DIR, STACK_ENV, valifi
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,18 +36,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def valifi(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real `valifi` command in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "valifi.cli", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
 @pytest.fixture(scope="session")
 def stack_env() -> Iterator[dict[str, str]]:
     """The session's running stack (embedded PostgreSQL, MLflow, Prefect) and its settings."""
@@ -85,7 +44,8 @@ def stack_env() -> Iterator[dict[str, str]]:
     yield dict(STACK_ENV)
     down = valifi("stack", "down", env={})
     assert down.returncode == 0, down.stdout + down.stderr
-    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    if not os.environ.get("VALIFI_KEEP_TEST_DATA"):
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

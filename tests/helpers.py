@@ -1,8 +1,14 @@
-"""Test helpers that need no service: synthetic snapshots in the exporter's format."""
+"""Test helpers, imported as `tests.helpers` (never import from conftest: pytest loads
+it under another name, so a second import would run it twice)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +18,44 @@ import pyarrow.parquet as pq
 from flows.export import SCHEMA
 from model.features import canonical_json
 from model.synthetic import BadRows, World
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The test session's own stack: ports and folders of its own, set before any test
+# module imports Prefect or MLflow (both read their settings early). Flows called
+# in-process and `valifi` subprocesses alike then talk to these services.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="valifi-tests-"))
+STACK_ENV = {
+    "VALIFI_DATA_DIR": str(_SESSION_DIR / "stack"),
+    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+    "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
+    "PREFECT_HOME": str(_SESSION_DIR / "prefect-client"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+    "VALIFI_RETRY_DELAYS_S": "[0.2, 0.2]",
+}
+for _var in ("DATABASE_URL", "PYTHON_AGENT_URL"):
+    os.environ.pop(_var, None)
+os.environ.update(STACK_ENV)
+
+
+def valifi(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `valifi` command in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "valifi.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def synthetic_snapshot(

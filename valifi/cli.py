@@ -98,6 +98,47 @@ def _validate(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.success else 1
 
 
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.pipeline import train
+
+    extra = [a for a in (args.train_args or []) if a != "--"]
+    state = train(
+        days=args.days,
+        limit=args.limit,
+        min_rows=args.min_rows,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        max_epochs=args.max_epochs,
+        train_args=extra,
+        return_state=True,
+    )
+    print(f"{state.name}: {state.message}")
+    return 0 if state.is_completed() else 1
+
+
+def _promote(args: argparse.Namespace, settings: Settings) -> int:
+    from flows import registry
+
+    record = registry.promote(
+        settings.mlflow_tracking_uri, args.version, args.reason, name=settings.model_name
+    )
+    print(f"Production: v{record['from']} -> v{record['to']} ({record['why']}, by {record['by']})")
+    return 0
+
+
+def _rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from flows import registry
+
+    record = registry.rollback(
+        settings.mlflow_tracking_uri, args.reason, args.to, name=settings.model_name
+    )
+    print(
+        f"Production rolled back: v{record['from']} -> v{record['to']} ({record['why']}, "
+        f"by {record['by']})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="valifi", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -138,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("snapshot", type=Path)
     s.add_argument("--min-rows", type=int, help="minimum rows expected (default: settings)")
     s.set_defaults(func=_validate)
+
+    s = sub.add_parser("train", help="run the train flow once against the configured services")
+    s.add_argument("--days", type=float)
+    s.add_argument("--limit", type=int)
+    s.add_argument("--min-rows", type=int)
+    s.add_argument("--devices", type=int, help="training processes per node")
+    s.add_argument("--num-nodes", type=int)
+    s.add_argument("--max-epochs", type=int)
+    s.add_argument(
+        "train_args", nargs=argparse.REMAINDER, help="after --: arguments for python -m model.train"
+    )
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("promote", help="move Production to a version (after a load check)")
+    s.add_argument("version")
+    s.add_argument("--reason", required=True)
+    s.set_defaults(func=_promote)
+
+    s = sub.add_parser("rollback", help="move Production back (to the previous one by default)")
+    s.add_argument("--to", help="version to roll back to")
+    s.add_argument("--reason", required=True)
+    s.set_defaults(func=_rollback)
     return p
 
 

@@ -70,6 +70,19 @@ class Settings(BaseSettings):
     max_null_reward_fraction: float = 0.2
     max_bad_payload_fraction: float = 0.01
 
+    # --- training and the gate ------------------------------------------------------
+    model_name: str = "valifi-agent"
+    train_devices: int = 1
+    train_num_nodes: int = 1
+    train_max_epochs: int | None = None  # None: the model's default
+    # Report true policy values from the synthetic generator (data from seed-data only).
+    synthetic_ground_truth: bool = False
+    synthetic_drift_at: str | None = None
+    gate_auc_min: float = 0.6
+    gate_rmse_ratio_max: float = 0.95
+    gate_max_regression: float = 0.0
+    gate_confidence: float = 0.95
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
@@ -78,6 +91,10 @@ class Settings(BaseSettings):
     @property
     def snapshots_dir(self) -> Path:
         return self.data_dir / "snapshots"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
 
     def local_port(self, url: str) -> int | None:
         """The port of `url` when it names this machine, else None (an external service)."""

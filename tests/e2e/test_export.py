@@ -17,7 +17,7 @@ from flows.export import ExportSpec, InsufficientData, Manifest, export_snapshot
 from flows.source import SourceError
 from flows.validate import ValidationSpec, validate_snapshot
 from model.synthetic import BOTS, BadRows, World
-from tests.conftest import valifi
+from tests.helpers import valifi
 from valifi.seed import seed
 
 pytestmark = pytest.mark.e2e

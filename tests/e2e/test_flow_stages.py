@@ -61,7 +61,7 @@ def test_invalid_data_fails_before_training_with_the_failed_expectations(flow_db
 
 def test_unreachable_database_is_retried_then_fails_with_the_reason(stack_env, monkeypatch):
     from flows.pipeline import train
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     monkeypatch.setenv("DATABASE_URL", f"postgresql://nobody@127.0.0.1:{free_port()}/none")
     state = train(return_state=True)

@@ -6,7 +6,7 @@ import psycopg2
 import pytest
 
 from model.synthetic import BOTS, World
-from tests.conftest import valifi
+from tests.helpers import valifi
 from valifi.seed import SeedError, seed
 
 pytestmark = pytest.mark.e2e

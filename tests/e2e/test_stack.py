@@ -11,7 +11,7 @@ import psutil
 import psycopg2
 import pytest
 
-from tests.conftest import free_port, valifi
+from tests.helpers import free_port, valifi
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,7 @@ import pytest
 
 from model.artifact import load
 from model.synthetic import BOTS, World
-from tests.conftest import ROOT
-from tests.helpers import synthetic_snapshot
+from tests.helpers import ROOT, synthetic_snapshot
 
 pytestmark = pytest.mark.slow
 

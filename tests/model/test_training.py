@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from model.artifact import ArtifactError, load
-from tests.conftest import ROOT, free_port
-from tests.helpers import synthetic_snapshot
+from tests.helpers import ROOT, free_port, synthetic_snapshot
 
 pytestmark = pytest.mark.slow
 
