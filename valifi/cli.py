@@ -139,6 +139,54 @@ def _rollback(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    import shutil
+    import time
+
+    port = args.port or settings.local_port(settings.python_agent_url) or 8000
+    if args.workers:
+        settings.serve_workers = args.workers
+    # Every process of the server writes its metrics here; /metrics adds them up.
+    prom = settings.data_dir / "serving-metrics" / str(port)
+    shutil.rmtree(prom, ignore_errors=True)
+    prom.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    os.environ["VALIFI_SERVER_STARTED_AT"] = str(time.time())
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from serving.api import serve
+
+    serve(settings, args.host or settings.serve_host, port)
+    return 0
+
+
+def _health(args: argparse.Namespace, settings: Settings) -> int:
+    import httpx
+
+    url = (args.url or settings.python_agent_url).rstrip("/")
+    headers = {"X-API-Key": settings.api_key} if settings.api_key else {}
+    try:
+        r = httpx.post(
+            f"{url}/predict",
+            json={"task": "What is the system status?", "query_type": "info"},
+            headers=headers,
+            timeout=args.timeout,
+        )
+    except httpx.HTTPError as exc:
+        print(f"unhealthy: {url} did not answer: {exc}", file=sys.stderr)
+        return 1
+    if r.status_code != 200:
+        print(f"unhealthy: HTTP {r.status_code}: {r.text[:300]}", file=sys.stderr)
+        return 1
+    body = r.json()
+    print(body.get("answer", ""))
+    status = body.get("data", {})
+    if args.require_model and not status.get("version"):
+        print("unhealthy: no model is serving", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="valifi", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -201,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", help="version to roll back to")
     s.add_argument("--reason", required=True)
     s.set_defaults(func=_rollback)
+
+    s = sub.add_parser("serve", help="run the agent server (POST /predict)")
+    s.add_argument("--host", help="default: VALIFI_SERVE_HOST (127.0.0.1)")
+    s.add_argument("--port", type=int, help="default: the port of PYTHON_AGENT_URL (8000)")
+    s.add_argument("--workers", type=int, help="inference workers (default: settings, 2)")
+    s.set_defaults(func=_serve)
+
+    s = sub.add_parser("health", help="ask a running server for its status; exit 1 if unhealthy")
+    s.add_argument("--url", help="default: PYTHON_AGENT_URL")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument(
+        "--require-model", action="store_true", help="also unhealthy when no model is serving"
+    )
+    s.set_defaults(func=_health)
     return p
 
 

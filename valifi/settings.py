@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     gate_max_regression: float = 0.0
     gate_confidence: float = 0.95
 
+    # --- the agent server -------------------------------------------------------------
+    serve_host: str = "127.0.0.1"
+    serve_workers: int = 2  # inference worker processes
+    serve_api_servers: int = 1  # HTTP server processes
+    max_batch_size: int = 16
+    batch_timeout_s: float = 0.01
+    poll_interval_s: float = 10.0  # how often each worker checks the Production alias
+    request_timeout_s: float = 30.0
+    max_payload_bytes: int = 64 * 1024
+    api_key: str | None = None  # when set, /predict needs header X-API-Key
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:

@@ -1,0 +1,460 @@
+"""The agent server over HTTP: real LitServe server (2 workers), real MLflow registry.
+
+The module registers three small versions of its own model (v3 with corrupt
+weights), starts `valifi serve` before anything is promoted, and then, in order:
+503 before a promotion, the original design's example requests, bad requests,
+hot swap and rollback under load, a corrupt version refused, and the MLflow
+server stopped and restarted while requests keep flowing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT, free_port, synthetic_snapshot, valifi
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MODEL = "valifi-agent-serving-tests"
+POLL_S = 1.0
+
+
+def _register(uri: str, root: Path, seed: int) -> str:
+    from flows import registry
+
+    snap = synthetic_snapshot(root / f"snap{seed}", 1500, seed=seed)
+    out = root / f"out{seed}"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model.train",
+            "--snapshot",
+            str(snap),
+            "--out",
+            str(out),
+            "--max-epochs",
+            "2",
+            "--no-progress",
+            "--seed",
+            str(seed),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    gate = {"passed": True, "reasons": ["test fixture"]}
+    return registry.log_and_register(uri, out, snap, gate, {"gate_decision": "pass"}, MODEL).version
+
+
+@pytest.fixture(scope="module")
+def versions(stack_env, tmp_path_factory):
+    uri = stack_env["MLFLOW_TRACKING_URI"]
+    root = tmp_path_factory.mktemp("serving")
+    v = [_register(uri, root, seed) for seed in (1, 2, 3)]
+    assert v == ["1", "2", "3"]
+    # v3: weights corrupted in the artifact store after registration
+    from flows.registry import client
+
+    source = client(uri).get_model_version(MODEL, "3").source
+    store = Path(stack_env["VALIFI_DATA_DIR"]) / "mlflow" / "artifacts"
+    weights = next(
+        p for p in store.rglob("model.safetensors") if source.rsplit("/", 1)[-1] in str(p)
+    )
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(weights)
+    key = next(k for k in t if k.startswith("head"))
+    t[key] = t[key] - 1.0
+    save_file(t, weights)
+    return uri
+
+
+def _start_server(port: int, env: dict) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "valifi.cli", "serve", "--port", str(port), "--workers", "2"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "server exited during start-up"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("server did not become healthy")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(versions):
+    port = free_port()
+    env = {
+        "VALIFI_MODEL_NAME": MODEL,
+        "VALIFI_POLL_INTERVAL_S": str(POLL_S),
+        "VALIFI_MAX_BATCH_SIZE": "16",
+        "VALIFI_BATCH_TIMEOUT_S": "0.02",
+        "VALIFI_MAX_PAYLOAD_BYTES": "20000",
+    }
+    proc = _start_server(port, env)
+    yield f"http://127.0.0.1:{port}"
+    _stop(proc)
+
+
+def post(url: str, body, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/predict", json=body, timeout=30, **kw)
+
+
+def _metric(url: str, name: str) -> list[tuple[dict, float]]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = []
+    for line in text.splitlines():
+        m = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+            out.append((labels, float(m.group(2))))
+    return out
+
+
+def _worker_versions(url: str) -> set[float]:
+    return {v for _, v in _metric(url, "valifi_serving_version")}
+
+
+EXECUTE = {
+    "task": "Analyze AAPL stock and suggest trade",
+    "agent_type": "trading_advanced",
+    "query_type": "execute",
+    "context": {"symbol": "AAPL", "indicators": {"rsi": 24.0, "volatility": 0.2}},
+}
+
+
+def test_before_any_promotion_execute_is_503_and_info_works(server):
+    r = post(server, EXECUTE)
+    assert r.status_code == 503 and r.json()["error"] == "no model promoted yet"
+    r = post(server, {"task": "What is Valifi?"})
+    assert r.status_code == 200 and r.json()["type"] == "info"
+    assert r.json()["model_version"] is None
+
+
+def test_promotion_is_picked_up(server, versions):
+    from flows.registry import promote
+
+    promote(versions, "1", "first model for the server tests", name=MODEL)
+    deadline = time.monotonic() + 60
+    while _worker_versions(server) != {1.0} or len(_metric(server, "valifi_serving_version")) < 2:
+        assert time.monotonic() < deadline, "workers did not load v1"
+        time.sleep(0.5)
+
+
+def test_original_design_examples(server):
+    r = post(server, {"task": "What is Valifi?", "query_type": "info"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["type"] == "info" and "fintech" in body["answer"] and body["model_version"] == "1"
+
+    r = post(server, {"task": "List all agents", "agent_type": "auto", "query_type": "auto"})
+    body = r.json()
+    assert r.status_code == 200 and body["type"] == "info" and body["topic"] == "agents"
+    for agent in (
+        "trading_advanced",
+        "financial_stocks",
+        "analytics_portfolio",
+        "platform_onboarding",
+    ):
+        assert agent in body["answer"]
+
+    r = post(server, {"task": "What is the system status?"})
+    body = r.json()
+    assert r.status_code == 200 and body["topic"] == "status"
+    status = body["data"]
+    assert status["version"] == "1" and status["alias"] == "Production"
+    assert status["registry_reachable"] is True and status["loaded_at"]
+    assert status["requests_served"] >= 2 and status["uptime_s"] > 0
+    assert status["last_reload"]["outcome"] == "loaded" and "auc" in status["metrics"]
+    assert "v1" in body["answer"]
+
+    r = post(server, {**EXECUTE, "query_type": "auto"})
+    body = r.json()
+    assert r.status_code == 200, body
+    assert body["type"] == "execution" and body["status"] == "completed"
+    assert body["agent"] == "trading_advanced" and body["model_version"] == "1"
+    result = body["result"]
+    assert result["action"]["action"] in {"buy", "sell", "hold"}
+    assert len(result["runners_up"]) == 3 and result["candidates"] == "action bank"
+    scores = [result["expected_reward"]] + [r["expected_reward"] for r in result["runners_up"]]
+    assert scores == sorted(scores, reverse=True)
+    assert "trading_advanced recommends" in body["answer"]
+
+
+def test_wording_variants_find_the_same_topic(server):
+    for q in ("Which bots are available?", "show me the agents you have"):
+        assert post(server, {"task": q}).json()["topic"] == "agents"
+    for q in ("Is the system healthy?", "which model version is live right now"):
+        assert post(server, {"task": q}).json()["topic"] == "status"
+
+
+def test_candidates_from_context_are_ranked(server):
+    cands = [{"action": "hold"}, {"action": "sell"}]
+    r = post(server, {**EXECUTE, "context": {**EXECUTE["context"], "candidates": cands}})
+    body = r.json()
+    assert r.status_code == 200 and body["result"]["candidates"] == "context"
+    chosen = [body["result"]["action"]] + [x["action"] for x in body["result"]["runners_up"]]
+    assert sorted(map(json.dumps, chosen)) == sorted(map(json.dumps, cands))
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "text"),
+    [
+        (b'{"task": "What is', 422, "JSON decode error"),
+        (b'["What is Valifi?"]', 422, "valid dictionary"),
+        (b'"What is Valifi?"', 422, "valid dictionary"),
+        (b'{"agent_type": "auto"}', 422, "Field required"),
+        (b'{"task": ""}', 422, "at least 1 character"),
+        (b'{"task": "   "}', 422, "must not be blank"),
+        (b'{"task": 42}', 422, "valid string"),
+        (b'{"task": "x", "context": "not an object"}', 422, "valid dictionary"),
+        (b'{"task": "x", "query_type": "train"}', 422, "'auto', 'info' or 'execute'"),
+        (b'{"task": "x", "surprise": 1}', 422, "Extra inputs"),
+        (b'{"task": "x", "context": {"candidates": []}}', 422, "candidates"),
+        (
+            b'{"task": "Buy it", "agent_type": "no_such_bot", "query_type": "execute"}',
+            404,
+            "unknown agent 'no_such_bot'",
+        ),
+        (json.dumps({"task": "x" * 30000}).encode(), 413, ""),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(server, raw, status, text):
+    r = httpx.post(
+        f"{server}/predict", content=raw, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert r.status_code == status, r.text
+    assert text in r.text
+
+
+def test_body_without_json_content_type_is_4xx(server):
+    r = httpx.post(
+        f"{server}/predict",
+        content=b'{"task": "What is Valifi?"}',
+        headers={"Content-Type": "text/plain"},
+        timeout=30,
+    )
+    assert 400 <= r.status_code < 500
+
+
+class Load:
+    """Requests flowing from several threads while something changes."""
+
+    def __init__(self, url: str, threads: int = 6):
+        self.url, self.stop = url, threading.Event()
+        self.results: list[tuple[float, int, str | None]] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(threads)]
+
+    def _loop(self, i: int) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                body = EXECUTE if i % 3 else {"task": "What is the system status?"}
+                try:
+                    r = client.post(f"{self.url}/predict", json=body)
+                    item = (time.monotonic(), r.status_code, r.json().get("model_version"))
+                except (httpx.HTTPError, ValueError) as exc:
+                    item = (time.monotonic(), 0, repr(exc))
+                with self.lock:
+                    self.results.append(item)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def failures(self) -> list:
+        return [r for r in self.results if r[1] != 200]
+
+
+def _swap_and_wait(server, uri, version: str, action: str) -> float:
+    from flows.registry import promote, rollback
+
+    if action == "promote":
+        promote(uri, version, "hot swap test", name=MODEL)
+    else:
+        rollback(uri, "rollback test", name=MODEL)
+    moved = time.monotonic()
+    while _worker_versions(server) != {float(version)}:
+        assert time.monotonic() - moved < 30, f"workers still on {_worker_versions(server)}"
+        time.sleep(0.2)
+    return time.monotonic() - moved
+
+
+def test_promote_and_rollback_under_load_without_a_failed_request(server, versions):
+    with Load(server) as load:
+        time.sleep(1.0)
+        took_up = _swap_and_wait(server, versions, "2", "promote")
+        time.sleep(1.0)
+        took_back = _swap_and_wait(server, versions, "1", "rollback")
+        time.sleep(1.0)
+    assert len(load.results) > 100
+    assert load.failures() == []
+    seen = [v for _, _, v in load.results]
+    assert "1" in seen and "2" in seen
+    # every worker switched within the poll interval plus load time
+    assert took_up < POLL_S + 10 and took_back < POLL_S + 10
+    # responses after the rollback settled all come from v1
+    tail = [v for t, _, v in load.results if t > time.monotonic() - 0.5]
+    assert set(tail) == {"1"}
+    # the batches were real: some held more than one request
+    sizes = dict((lbl.get("le"), v) for lbl, v in _metric(server, "valifi_batch_size_bucket"))
+    assert sizes["1.0"] < sizes["+Inf"]
+
+
+def test_corrupt_version_is_refused_and_v1_keeps_serving(server, versions):
+    from flows.registry import client, move_alias
+
+    failures_before = sum(
+        v for lbl, v in _metric(server, "valifi_reloads_total") if lbl["outcome"] == "failure"
+    )
+    with Load(server, threads=4) as load:
+        # as if moved by hand in the MLflow UI: no load check on this path
+        move_alias(client(versions), "3", "corrupt on purpose", "test", "promote", MODEL)
+        deadline = time.monotonic() + 30
+        while True:
+            failed = sum(
+                v
+                for lbl, v in _metric(server, "valifi_reloads_total")
+                if lbl["outcome"] == "failure"
+            )
+            if failed >= failures_before + 2:  # both workers refused it
+                break
+            assert time.monotonic() < deadline, "workers did not try v3"
+            time.sleep(0.3)
+        time.sleep(2 * POLL_S)  # and do not retry while the alias stays on v3
+    assert load.failures() == []
+    assert {v for _, _, v in load.results} == {"1"}
+    assert _worker_versions(server) == {1.0}
+    status = post(server, {"task": "What is the system status?"}).json()["data"]
+    assert status["version"] == "1" and status["reload_failures"] >= 1
+    assert status["last_reload"]["outcome"] == "failed"
+    assert "canary" in status["last_reload"]["reason"]
+    retried = sum(
+        v for lbl, v in _metric(server, "valifi_reloads_total") if lbl["outcome"] == "failure"
+    )
+    assert retried == failed  # no retries while the alias stayed on v3
+    move_alias(client(versions), "1", "back from the corrupt one", "test", "rollback", MODEL)
+
+
+def test_metrics_are_prometheus_text_with_the_documented_series(server):
+    r = httpx.get(f"{server}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    names = set(re.findall(r"^(valifi_\w+?)(?:_total|_bucket|_sum|_count)?[{ ]", r.text, re.M))
+    assert {
+        "valifi_http_requests",
+        "valifi_request_latency_seconds",
+        "valifi_predictions",
+        "valifi_batch_size",
+        "valifi_reloads",
+        "valifi_serving_version",
+    } <= names
+    by_version = {lbl["model_version"] for lbl, _ in _metric(server, "valifi_http_requests_total")}
+    assert {"1", "2"} <= by_version
+
+
+def test_valifi_health(server):
+    r = valifi("health", "--url", server, "--require-model", env={})
+    assert r.returncode == 0, r.stderr
+    assert "Serving valifi-agent-serving-tests v1" in r.stdout
+    down = valifi("health", "--url", f"http://127.0.0.1:{free_port()}", env={})
+    assert down.returncode == 1 and "unhealthy" in down.stderr
+
+
+def test_mlflow_stopped_and_restarted_while_serving(server, versions, stack_env):
+    from flows.registry import client, move_alias
+
+    run = Path(stack_env["VALIFI_DATA_DIR"]) / "run" / "mlflow.json"
+    pid = json.loads(run.read_text())["pid"]
+    with Load(server, threads=4) as load:
+        time.sleep(0.5)
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while (
+            post(server, {"task": "What is the system status?"}).json()["data"][
+                "registry_reachable"
+            ]
+            is not False
+        ):
+            assert time.monotonic() < deadline, "outage not noticed"
+            time.sleep(0.3)
+        time.sleep(2 * POLL_S)
+        up = valifi("stack", "up", env={})
+        assert up.returncode == 0, up.stderr
+        deadline = time.monotonic() + 30
+        while (
+            post(server, {"task": "What is the system status?"}).json()["data"][
+                "registry_reachable"
+            ]
+            is not True
+        ):
+            assert time.monotonic() < deadline, "recovery not noticed"
+            time.sleep(0.3)
+        # it catches up: a move made after the outage is followed
+        move_alias(client(versions), "2", "after the outage", "test", "promote", MODEL)
+        deadline = time.monotonic() + 30
+        while _worker_versions(server) != {2.0}:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    assert load.failures() == []
+    assert Counter(v for _, _, v in load.results)["1"] > 0
+
+
+def test_api_key_guards_predict_but_not_probes(versions):
+    port = free_port()
+    proc = _start_server(
+        port,
+        {
+            "VALIFI_MODEL_NAME": MODEL + "-none",
+            "VALIFI_API_KEY": "s3cret",
+            "VALIFI_POLL_INTERVAL_S": "5",
+        },
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert post(url, {"task": "What is Valifi?"}).status_code == 401
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert httpx.get(f"{url}/metrics", timeout=5).status_code == 200
+        ok = post(url, {"task": "What is Valifi?"}, headers={"X-API-Key": "s3cret"})
+        assert ok.status_code == 200
+        r = post(url, EXECUTE, headers={"X-API-Key": "s3cret"})
+        assert r.status_code == 503 and r.json()["error"] == "no model promoted yet"
+    finally:
+        _stop(proc)
