@@ -8,14 +8,17 @@ state: Completed (promoted vN / rejected by the gate), Completed named "Skipped"
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed
 
@@ -23,7 +26,9 @@ from flows import registry
 from flows.export import ExportSpec, InsufficientData, Manifest, export_snapshot
 from flows.gate import GateSpec, decide
 from flows.source import SourceError
+from flows.summary import render
 from flows.validate import ValidationFailed, ValidationSpec, validate_snapshot
+from flows.watch import WatchSpec, watch
 from valifi.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +207,15 @@ def register_task(
         tracking_uri, Path(train_out), Path(snapshot), gate, lineage, model_name
     )
     get_run_logger().info("registered %s v%s", model_name, mv.version)
-    return mv.version
+    base = tracking_uri.rstrip("/")
+    exp = registry.client(tracking_uri).get_run(mv.run_id).info.experiment_id
+    return {
+        "name": model_name,
+        "version": mv.version,
+        "run_id": mv.run_id,
+        "version_url": f"{base}/#/models/{model_name}/versions/{mv.version}",
+        "run_url": f"{base}/#/experiments/{exp}/runs/{mv.run_id}",
+    }
 
 
 @task(name="load-check")
@@ -247,6 +260,96 @@ def _train_args(
     return args + list(extra)
 
 
+@task(name="watch", retries=0)
+def watch_task(
+    agent_url: str,
+    version: str,
+    previous: str | None,
+    spec: WatchSpec,
+    tracking_uri: str,
+    model_name: str,
+) -> dict:
+    """Watch the new version on the server; move Production back if it breaches."""
+    logger = get_run_logger()
+    try:
+        httpx.get(f"{agent_url.rstrip('/')}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        logger.warning("no agent server answering at %s (%s): nothing to watch", agent_url, exc)
+        return {"watched": False, "reason": f"no agent server at {agent_url}"}
+    result = watch(agent_url, version, previous, spec, logger.info)
+    out = {"watched": True, **result.to_dict(), "rolled_back_to": None}
+    if result.breached and previous:
+        record = registry.rollback(
+            tracking_uri,
+            f"automatic rollback of v{version}: {result.reason}",
+            to=previous,
+            by=f"prefect:{_flow_run_name()}",
+            name=model_name,
+        )
+        out["rolled_back_to"] = record["to"]
+        logger.error("rolled back v%s -> v%s: %s", version, previous, result.reason)
+    return out
+
+
+@task(name="superseded")
+def superseded_task(grace_s: float) -> str | None:
+    """For a late scheduled run: the newer scheduled run that makes it pointless, if any.
+
+    After an outage the worker finds every missed nightly run at once; only the
+    newest one trains, the older ones end as skipped.
+    """
+    from prefect.runtime import deployment as this_deployment
+    from prefect.runtime import flow_run
+
+    scheduled, deployment = flow_run.scheduled_start_time, this_deployment.id
+    if scheduled is None or deployment is None:
+        return None
+    now = datetime.now(UTC)
+    if (now - scheduled).total_seconds() < grace_s:
+        return None
+    newer = asyncio.run(_newer_runs(deployment, scheduled, now, flow_run.id))
+    return newer[0] if newer else None
+
+
+async def _newer_runs(deployment_id, after: datetime, before: datetime, me) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+    )
+
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                expected_start_time=FlowRunFilterExpectedStartTime(after_=after, before_=before)
+            ),
+        )
+    return [
+        r.name
+        for r in runs
+        if str(r.id) != str(me)
+        and r.expected_start_time
+        and r.expected_start_time > after
+        and r.auto_scheduled
+    ]
+
+
+def _publish(summary: dict) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        create_markdown_artifact(
+            render(summary),
+            key="train-summary",
+            description=f"train run: {summary.get('decision')}",
+        )
+    except Exception as exc:  # a summary must never hide the run's own outcome
+        get_run_logger().warning("could not publish the run summary: %s", exc)
+
+
 @flow(name="train", log_prints=True)
 def train(
     days: float | None = None,
@@ -258,13 +361,42 @@ def train(
     train_args: list[str] | None = None,
 ):
     """Export the newest rows, validate them, train, gate against the champion, register,
-    check that the registered version loads, and promote it when the gate passes.
+    check that the registered version loads, promote it when the gate passes, and watch
+    it on the agent server (rolling back when it misbehaves). Publishes a summary.
 
     `train_args` go to `python -m model.train` as they are (e.g. ["--preset", "large"]).
     """
+    settings = Settings()
+    summary: dict = {}
+    try:
+        state = _train(
+            settings,
+            summary,
+            days,
+            limit,
+            min_rows,
+            devices,
+            num_nodes,
+            max_epochs,
+            train_args or [],
+        )
+        summary["decision"] = f"{state.name}: {state.message}"
+        return state
+    except BaseException as exc:
+        summary["decision"] = "Failed"
+        summary["error"] = str(exc)[:3000]
+        raise
+    finally:
+        _publish(summary)
+
+
+def _train(settings, summary, days, limit, min_rows, devices, num_nodes, max_epochs, train_args):
     from valifi.stack import database_url
 
-    settings = Settings()
+    if newer := superseded_task(settings.late_run_grace_s):
+        return Completed(
+            name="Skipped", message=f"skipped: superseded by the newer scheduled run {newer}"
+        )
     delays = settings.retry_delays_s
     exporter = export_task.with_options(retries=len(delays), retry_delay_seconds=delays)
     outcome = exporter(
@@ -274,15 +406,22 @@ def train(
     )
     if outcome.snapshot is None:
         return Completed(name="Skipped", message=f"skipped: {outcome.reason}")
-    validate_task(outcome.snapshot, validation_spec(settings, min_rows))
+    summary["snapshot"] = asdict(Manifest.read(Path(outcome.snapshot)))
+    summary["validation"] = "failed (see the error)"
+    docs = validate_task(outcome.snapshot, validation_spec(settings, min_rows))
+    summary["validation"] = f"passed; Data Docs: `{docs}`"
     out = settings.runs_dir / f"{Path(outcome.snapshot).name}-{uuid.uuid4().hex[:8]}"
-    args = _train_args(settings, devices, num_nodes, max_epochs, train_args or [])
+    args = _train_args(settings, devices, num_nodes, max_epochs, train_args)
     train_out = train_task(outcome.snapshot, out, args)
+    summary["training"] = json.loads((Path(train_out) / "result.json").read_text())
     uri, name = settings.mlflow_tracking_uri, settings.model_name
     gate = evaluate_task.with_options(retries=len(delays), retry_delay_seconds=delays)(
         uri, train_out, outcome.snapshot, gate_spec(settings), name
     )
-    version = register_task(uri, train_out, outcome.snapshot, gate, name)
+    summary["gate"] = gate
+    reg = register_task(uri, train_out, outcome.snapshot, gate, name)
+    summary["registry"] = reg
+    version = reg["version"]
     if not gate["passed"]:
         return Completed(
             name="Rejected",
@@ -290,5 +429,56 @@ def train(
             + "; ".join(gate["reasons"]),
         )
     load_check_task(uri, version, name)
-    promote_task(uri, version, gate["summary"], name)
-    return Completed(message=f"promoted v{version}: " + "; ".join(gate["reasons"]))
+    move = promote_task(uri, version, gate["summary"], name)
+    promoted = f"promoted v{version}: " + "; ".join(gate["reasons"])
+    if settings.watch_window_s <= 0:
+        return Completed(message=promoted)
+    watched = watch_task(
+        settings.python_agent_url, version, move["from"], watch_spec(settings), uri, name
+    )
+    summary["watch"] = (
+        f"rolled back to v{watched['rolled_back_to']}: {watched['reason']}"
+        if watched.get("rolled_back_to")
+        else f"watched: {watched.get('reason')}"
+    )
+    if watched.get("rolled_back_to"):
+        return Completed(
+            name="RolledBack",
+            message=f"v{version} promoted, then rolled back to "
+            f"v{watched['rolled_back_to']}: {watched['reason']}",
+        )
+    return Completed(message=promoted)
+
+
+@flow(name="watch-promotion", log_prints=True)
+def watch_promotion(version: str, previous: str | None = None, window_s: float | None = None):
+    """Watch `version` on the agent server (as `train` does after a promotion) and move
+    Production back to `previous` if it breaches the thresholds."""
+    settings = Settings()
+    spec = watch_spec(settings)
+    if window_s is not None:
+        spec.window_s = window_s
+    watched = watch_task(
+        settings.python_agent_url,
+        version,
+        previous,
+        spec,
+        settings.mlflow_tracking_uri,
+        settings.model_name,
+    )
+    if watched.get("rolled_back_to"):
+        return Completed(
+            name="RolledBack",
+            message=f"v{version} rolled back to v{watched['rolled_back_to']}: {watched['reason']}",
+        )
+    return Completed(message=f"v{version}: {watched.get('reason')}")
+
+
+def watch_spec(settings: Settings) -> WatchSpec:
+    return WatchSpec(
+        window_s=settings.watch_window_s,
+        poll_s=settings.watch_poll_s,
+        max_error_rate=settings.watch_max_error_rate,
+        max_p99_ratio=settings.watch_max_p99_ratio,
+        min_requests=settings.watch_min_requests,
+    )

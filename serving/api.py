@@ -145,9 +145,8 @@ class AgentAPI(ls.LitAPI):
             elif kind != "execute":
                 out[i] = kind  # an error response of its own
         if executes:
-            for i, answer in zip(
-                executes, self._execute([batch[i] for i in executes], served), strict=True
-            ):
+            answers = self._execute_safely([batch[i] for i in executes], served)
+            for i, answer in zip(executes, answers, strict=True):
                 out[i] = answer
         for r in out:
             kind = r.get("type") if isinstance(r, dict) else "error"
@@ -199,6 +198,22 @@ class AgentAPI(ls.LitAPI):
         return "execute"
 
     # -- execute --
+    def _execute_safely(self, reqs: list[PredictRequest], served) -> list:
+        """One batched pass; if it raises, each request alone, so only the bad ones fail."""
+        try:
+            return self._execute(reqs, served)
+        except Exception:
+            log.exception("batched prediction failed; answering one by one")
+        out = []
+        for r in reqs:
+            try:
+                out.extend(self._execute([r], served))
+            except Exception as exc:
+                out.append(
+                    _error(500, f"prediction failed: {type(exc).__name__}: {exc}"[:300], served)
+                )
+        return out
+
     def _execute(self, reqs: list[PredictRequest], served) -> list[dict]:
         queries = []
         for r in reqs:

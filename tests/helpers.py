@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -40,6 +43,8 @@ STACK_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
     "VALIFI_RETRY_DELAYS_S": "[0.2, 0.2]",
+    "VALIFI_WATCH_WINDOW_S": "0",  # tests that watch a server set their own
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 for _var in ("DATABASE_URL", "PYTHON_AGENT_URL"):
     os.environ.pop(_var, None)
@@ -101,3 +106,71 @@ def synthetic_snapshot(
         )
     )
     return folder
+
+
+def train_small(root: Path, seed: int, rows: int = 1500, epochs: int = 2) -> tuple[Path, Path]:
+    """A quickly trained model: (snapshot, training output folder)."""
+    snap = synthetic_snapshot(root / f"snap{seed}", rows, seed=seed)
+    out = root / f"out{seed}"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model.train",
+            "--snapshot",
+            str(snap),
+            "--out",
+            str(out),
+            "--max-epochs",
+            str(epochs),
+            "--no-progress",
+            "--seed",
+            str(seed),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return snap, out
+
+
+def register_small(uri: str, model: str, root: Path, seed: int, tamper=None) -> str:
+    """Train a small model, optionally let `tamper(artifact_dir)` change it, register it."""
+    from flows import registry
+
+    snap, out = train_small(root, seed)
+    if tamper is not None:
+        tamper(out / "artifact")
+    gate = {"passed": True, "reasons": ["test fixture"]}
+    return registry.log_and_register(uri, out, snap, gate, {"gate_decision": "pass"}, model).version
+
+
+def start_server(port: int, env: dict) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "valifi.cli", "serve", "--port", str(port), "--workers", "2"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "server exited during start-up"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("server did not become healthy")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

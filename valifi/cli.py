@@ -187,6 +187,25 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _deploy(args: argparse.Namespace, settings: Settings) -> int:
+    from valifi.deploy import deploy
+
+    for line in deploy(settings):
+        print(line)
+    print("run it now with: prefect deployment run train/nightly")
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    from valifi.deploy import ROOT, worker_command
+
+    cmd, env = worker_command(settings)
+    os.chdir(ROOT)
+    os.execvpe(cmd[0], cmd, env)  # the worker replaces this process
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="valifi", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -263,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--require-model", action="store_true", help="also unhealthy when no model is serving"
     )
     s.set_defaults(func=_health)
+
+    s = sub.add_parser("deploy", help="create or update the work pool and train/nightly")
+    s.set_defaults(func=_deploy)
+
+    s = sub.add_parser("worker", help="run a Prefect worker for the valifi-process pool")
+    s.set_defaults(func=_worker)
     return p
 
 

@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     gate_max_regression: float = 0.0
     gate_confidence: float = 0.95
 
+    # --- deployment, watch after promotion, notifications ---------------------------
+    schedule_timezone: str = "UTC"
+    worker_poll_s: float = 10.0
+    late_run_grace_s: float = 3600.0  # a scheduled run this late yields to a newer one
+    watch_window_s: float = 300.0  # 0: no watch after a promotion
+    watch_poll_s: float = 5.0
+    watch_max_error_rate: float = 0.02
+    watch_max_p99_ratio: float = 2.0
+    watch_min_requests: int = 20
+    notify_webhook_url: str | None = None
+
     # --- the agent server -------------------------------------------------------------
     serve_host: str = "127.0.0.1"
     serve_workers: int = 2  # inference worker processes

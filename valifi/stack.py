@@ -198,7 +198,9 @@ def _recorded_process(settings: Settings, name: str) -> psutil.Process | None:
     record = json.loads(path.read_text())
     try:
         proc = psutil.Process(record["pid"])
-        if abs(proc.create_time() - record["create_time"]) < 1.0 and proc.is_running():
+        same = abs(proc.create_time() - record["create_time"]) < 1.0
+        # an exited child nobody reaped yet is a zombie: as good as gone
+        if same and proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
             return proc
     except psutil.NoSuchProcess:
         pass

@@ -13,8 +13,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ROOT, free_port, synthetic_snapshot, valifi
+from tests.helpers import free_port, register_small, start_server, stop_server, valifi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -31,41 +29,11 @@ MODEL = "valifi-agent-serving-tests"
 POLL_S = 1.0
 
 
-def _register(uri: str, root: Path, seed: int) -> str:
-    from flows import registry
-
-    snap = synthetic_snapshot(root / f"snap{seed}", 1500, seed=seed)
-    out = root / f"out{seed}"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "model.train",
-            "--snapshot",
-            str(snap),
-            "--out",
-            str(out),
-            "--max-epochs",
-            "2",
-            "--no-progress",
-            "--seed",
-            str(seed),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    gate = {"passed": True, "reasons": ["test fixture"]}
-    return registry.log_and_register(uri, out, snap, gate, {"gate_decision": "pass"}, MODEL).version
-
-
 @pytest.fixture(scope="module")
 def versions(stack_env, tmp_path_factory):
     uri = stack_env["MLFLOW_TRACKING_URI"]
     root = tmp_path_factory.mktemp("serving")
-    v = [_register(uri, root, seed) for seed in (1, 2, 3)]
+    v = [register_small(uri, MODEL, root, seed) for seed in (1, 2, 3)]
     assert v == ["1", "2", "3"]
     # v3: weights corrupted in the artifact store after registration
     from flows.registry import client
@@ -84,35 +52,6 @@ def versions(stack_env, tmp_path_factory):
     return uri
 
 
-def _start_server(port: int, env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "valifi.cli", "serve", "--port", str(port), "--workers", "2"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "server exited during start-up"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("server did not become healthy")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def server(versions):
     port = free_port()
@@ -123,9 +62,9 @@ def server(versions):
         "VALIFI_BATCH_TIMEOUT_S": "0.02",
         "VALIFI_MAX_PAYLOAD_BYTES": "20000",
     }
-    proc = _start_server(port, env)
+    proc = start_server(port, env)
     yield f"http://127.0.0.1:{port}"
-    _stop(proc)
+    stop_server(proc)
 
 
 def post(url: str, body, **kw) -> httpx.Response:
@@ -439,7 +378,7 @@ def test_mlflow_stopped_and_restarted_while_serving(server, versions, stack_env)
 
 def test_api_key_guards_predict_but_not_probes(versions):
     port = free_port()
-    proc = _start_server(
+    proc = start_server(
         port,
         {
             "VALIFI_MODEL_NAME": MODEL + "-none",
@@ -457,4 +396,4 @@ def test_api_key_guards_predict_but_not_probes(versions):
         r = post(url, EXECUTE, headers={"X-API-Key": "s3cret"})
         assert r.status_code == 503 and r.json()["error"] == "no model promoted yet"
     finally:
-        _stop(proc)
+        stop_server(proc)

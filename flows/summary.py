@@ -1,0 +1,90 @@
+"""The run summary: one markdown artifact per run of `train`."""
+
+from __future__ import annotations
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "—" if v is None else str(v)
+
+
+def _table(rows: list[tuple[str, object]]) -> list[str]:
+    return ["| | |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows]]
+
+
+def render(s: dict) -> str:
+    """Markdown for the Prefect UI from the pieces a run gathered (any may be missing)."""
+    out = [f"# train: {s.get('decision', 'unknown')}", ""]
+    if snap := s.get("snapshot"):
+        out += [
+            "## Snapshot",
+            *_table(
+                [
+                    ("rows", snap.get("rows")),
+                    ("unscored rows", snap.get("null_reward_rows")),
+                    ("window", f"{snap['window']['since']} → {snap['window']['until']}"),
+                    ("newest row", snap.get("watermark")),
+                    ("source layout", snap.get("layout")),
+                    ("sha256", f"`{snap.get('sha256')}`"),
+                ]
+            ),
+            "",
+        ]
+    if (val := s.get("validation")) is not None:
+        out += ["## Validation", val, ""]
+    if train := s.get("training"):
+        m = train.get("metrics", {})
+        out += [
+            "## Training",
+            *_table(
+                [
+                    (k, m.get(k))
+                    for k in (
+                        "train_rows",
+                        "epochs",
+                        "train_seconds",
+                        "best_val_loss",
+                        "rmse",
+                        "auc",
+                        "true_value_policy",
+                        "gap_closed",
+                    )
+                    if k in m
+                ]
+            ),
+            "",
+        ]
+    if gate := s.get("gate"):
+        ch, champ = gate["challenger"], gate.get("champion") or {}
+        out += [
+            "## Gate",
+            "| metric | challenger | "
+            f"champion{' v' + gate['champion_version'] if gate.get('champion_version') else ''}"
+            " |",
+            "|---|---|---|",
+        ]
+        for k in ("rmse", "mae", "auc", "baseline_rmse", "replay_value", "rows"):
+            out.append(f"| {k} | {_fmt(ch.get(k))} | {_fmt(champ.get(k))} |")
+        if d := gate.get("mse_diff"):
+            out.append(
+                f"| holdout MSE, challenger − champion | {d['mean']:+.4f} | "
+                f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}] |"
+            )
+        out += [
+            "",
+            "**" + ("pass" if gate["passed"] else "reject") + "**: " + "; ".join(gate["reasons"]),
+            "",
+        ]
+    if reg := s.get("registry"):
+        out += [
+            "## Registry",
+            f"- model version: [{reg['name']} v{reg['version']}]({reg['version_url']})",
+            f"- MLflow run: [{reg['run_id']}]({reg['run_url']})",
+            "",
+        ]
+    if w := s.get("watch"):
+        out += ["## After promotion", f"- {w}", ""]
+    if err := s.get("error"):
+        out += ["## Error", f"```\n{err}\n```", ""]
+    return "\n".join(out)

@@ -1,0 +1,249 @@
+"""train/nightly as users run it: `valifi deploy`, a real worker, `prefect deployment run`,
+the real agent server, the run summary, and the automatic rollback after a promotion."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model.synthetic import World
+from tests.helpers import ROOT, free_port, register_small, start_server, stop_server, valifi
+from valifi.seed import seed
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MODEL = "valifi-agent-deploy-tests"
+NOW = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+@pytest.fixture(scope="module")
+def env(stack_env, external_pg):
+    import psycopg2
+
+    name = f"valifi_deploy_{os.getpid()}"
+    conn = psycopg2.connect(external_pg)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    url = external_pg.rsplit("/", 1)[0] + f"/{name}"
+    seed(url, 4000, world=World(seed=1), end=NOW)
+    port = free_port()
+    values = {
+        "DATABASE_URL": url,
+        "VALIFI_MODEL_NAME": MODEL,
+        "VALIFI_TRAIN_MAX_EPOCHS": "8",
+        "VALIFI_SYNTHETIC_GROUND_TRUTH": "true",
+        "PYTHON_AGENT_URL": f"http://127.0.0.1:{port}",
+        "VALIFI_POLL_INTERVAL_S": "1",
+        "VALIFI_WATCH_WINDOW_S": "3",
+        "VALIFI_WATCH_POLL_S": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "VALIFI_WORKER_POLL_S": "1",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        yield values | {"port": port}
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def deployed(env):
+    r = valifi("deploy", env={})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "deployment train/nightly" in r.stdout
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def worker(deployed, tmp_path_factory):
+    log = open(tmp_path_factory.mktemp("worker") / "worker.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "valifi.cli", "worker"],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    yield proc
+    stop_server(proc)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(env):
+    proc = start_server(env["port"], {})
+    yield f"http://127.0.0.1:{env['port']}"
+    stop_server(proc)
+
+
+def _client_call(fn):
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return await fn(client)
+
+    return asyncio.run(go())
+
+
+def test_deployment_has_the_nightly_schedule_and_one_run_at_a_time(deployed):
+    dep = _client_call(lambda c: c.read_deployment_by_name("train/nightly"))
+    crons = [s.schedule.cron for s in dep.schedules]
+    assert crons == ["0 2 * * *"]
+    assert dep.schedules[0].schedule.timezone == "UTC" and dep.schedules[0].active
+    assert dep.work_pool_name == "valifi-process"
+    assert dep.global_concurrency_limit is not None
+    assert dep.global_concurrency_limit.limit == 1
+    assert str(dep.concurrency_options.collision_strategy).endswith("ENQUEUE")
+    again = valifi("deploy", env={})  # updates in place
+    assert again.returncode == 0, again.stderr
+    assert _client_call(lambda c: c.read_deployment_by_name("train/nightly")).id == dep.id
+
+
+def _run_deployment() -> str:
+    r = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", "train/nightly"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return next(line.split()[-1] for line in r.stdout.splitlines() if "UUID" in line)
+
+
+def _wait_final(run_id: str, timeout: float = 900):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = _client_call(lambda c: c.read_flow_run(run_id))
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not finish")
+
+
+def test_prefect_deployment_run_trains_registers_promotes_and_serves(env, worker, server):
+    from flows.registry import champion, client
+
+    first = _run_deployment()
+    second = _run_deployment()  # triggered while the first is pending or running
+    a, b = _wait_final(first), _wait_final(second)
+    assert a.state.is_completed(), a.state.message
+    assert a.state.message.startswith("promoted v1")
+    # never concurrently: the second started after the first had finished
+    assert b.start_time >= a.end_time, (a.start_time, a.end_time, b.start_time)
+    assert b.state.is_completed(), b.state.message
+
+    c = client(os.environ["MLFLOW_TRACKING_URI"])
+    prod = champion(c, MODEL).version
+    assert prod in ("1", "2")
+    # the summary artifact of the first run
+    arts = _client_call(lambda cl: cl.read_artifacts())
+    mine = [x for x in arts if str(x.flow_run_id) == first and x.key == "train-summary"]
+    assert len(mine) == 1
+    md = mine[0].data
+    for part in (
+        "## Snapshot",
+        "## Validation",
+        "## Training",
+        "## Gate",
+        "## Registry",
+        f"{MODEL} v1",
+        "promoted v1",
+        "## After promotion",
+    ):
+        assert part in md, part
+    # the server answers with the Production version
+    deadline = time.monotonic() + 30
+    while True:
+        r = httpx.post(
+            f"{server}/predict",
+            json={"task": "Analyze AAPL stock and suggest trade", "agent_type": "trading_advanced"},
+            timeout=30,
+        )
+        if r.status_code == 200 and r.json()["model_version"] == prod:
+            break
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.5)
+
+
+def _break_on_probe(artifact: Path) -> None:
+    """Predictions raise for inputs with a `probe` number; the canary set has none."""
+    fz = json.loads((artifact / "featurizer.json").read_text())
+    fz["num_stats"]["in.probe"] = [0.0, 0.0]  # zero spread: division by zero at scoring
+    (artifact / "featurizer.json").write_text(json.dumps(fz))
+
+
+def test_a_version_failing_at_serving_time_is_rolled_back_with_the_reason(env, server, tmp_path):
+    from flows.pipeline import watch_promotion
+    from flows.registry import audit, champion, client, promote
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    c = client(uri)
+    if champion(c, MODEL) is None:  # (when this test runs alone)
+        promote(uri, register_small(uri, MODEL, tmp_path, seed=8), "a good one", name=MODEL)
+    before = champion(c, MODEL).version
+    bad = register_small(uri, MODEL, tmp_path, seed=9, tamper=_break_on_probe)
+    promote(uri, bad, "a version that breaks on some inputs", name=MODEL)  # load check passes
+
+    stop = threading.Event()
+    codes: list[tuple[int, str | None, bool]] = []
+
+    def traffic():
+        with httpx.Client(timeout=30) as h:
+            i = 0
+            while not stop.is_set():
+                ctx = {"indicators": {"rsi": 40.0}} | ({"probe": 1.5} if i % 4 == 0 else {})
+                r = h.post(
+                    f"{server}/predict",
+                    json={
+                        "task": "Find a trade setup",
+                        "agent_type": "trading_advanced",
+                        "context": ctx,
+                    },
+                )
+                codes.append((r.status_code, r.json().get("model_version"), "probe" in ctx))
+                i += 1
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30  # both workers on the bad version first
+        while True:
+            r = httpx.post(f"{server}/predict", json={"task": "What is the system status?"})
+            if r.json()["model_version"] == bad:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        state = watch_promotion(bad, before, window_s=60, return_state=True)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert state.name == "RolledBack", state.message
+    assert f"v{bad} rolled back to v{before}" in state.message and "error rate" in state.message
+    assert champion(c, MODEL).version == before
+    last = audit(c, MODEL)[-1]
+    assert last["action"] == "rollback" and last["to"] == before and last["from"] == bad
+    assert last["why"].startswith(f"automatic rollback of v{bad}: error rate")
+    assert last["by"].startswith("prefect:")
+    # only the probing requests failed, each on its own, naming the version that failed it
+    failed = [(v, probe) for code, v, probe in codes if code == 500]
+    assert failed and all(v == bad and probe for v, probe in failed)
+    assert any(code == 200 and not probe for code, _, probe in codes)

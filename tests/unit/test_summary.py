@@ -1,0 +1,61 @@
+import numpy as np
+
+from flows.gate import GateSpec, decide
+from flows.summary import render
+
+
+def test_summary_has_every_section_and_the_links():
+    ch = {
+        "rmse": 0.26,
+        "mae": 0.2,
+        "auc": 0.8,
+        "baseline_rmse": 0.38,
+        "replay_value": 0.4,
+        "rows": 2000,
+    }
+    gate = decide(
+        GateSpec(), ch, np.full(50, 0.06), dict(ch, rmse=0.27), np.full(50, 0.07), "1"
+    ).to_dict()
+    md = render(
+        {
+            "decision": "Completed: promoted v2",
+            "snapshot": {
+                "rows": 10000,
+                "null_reward_rows": 0,
+                "window": {"since": "a", "until": "b"},
+                "watermark": "b",
+                "layout": "app",
+                "sha256": "f" * 64,
+            },
+            "validation": "passed",
+            "training": {"metrics": {"epochs": 12, "rmse": 0.26, "auc": 0.8}},
+            "gate": gate,
+            "registry": {
+                "name": "valifi-agent",
+                "version": "2",
+                "run_id": "abc",
+                "version_url": "http://m/#/models/valifi-agent/versions/2",
+                "run_url": "http://m/#/experiments/1/runs/abc",
+            },
+        }
+    )
+    for part in (
+        "# train: Completed: promoted v2",
+        "## Snapshot",
+        "10000",
+        "f" * 64,
+        "## Validation",
+        "## Training",
+        "## Gate",
+        "| auc | 0.8000 | 0.8000 |",
+        "95% CI",
+        "**pass**",
+        "[valifi-agent v2](http://m/#/models/valifi-agent/versions/2)",
+        "(http://m/#/experiments/1/runs/abc)",
+    ):
+        assert part in md
+
+
+def test_summary_of_a_failed_run_keeps_the_error():
+    md = render({"decision": "Failed", "error": "3 of 14 expectations failed"})
+    assert "# train: Failed" in md and "3 of 14 expectations failed" in md
