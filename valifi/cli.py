@@ -14,7 +14,7 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
     from valifi import stack
 
     if args.action == "up":
-        for s in stack.up(settings):
+        for s in stack.up(settings, with_apps=args.apps):
             print(s.line())
         print(f"data, logs and pids under {settings.data_dir}")
     elif args.action == "status":
@@ -23,7 +23,7 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
             print(s.line())
         return 0 if all(s.state in ("running", "embedded", "external") for s in states) else 3
     else:
-        stopped = stack.down(settings)
+        stopped = stack.down(settings, only_apps=args.apps)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stack", help="start, inspect or stop the local services")
     s.add_argument("action", choices=["up", "status", "down"])
+    s.add_argument(
+        "--apps",
+        action="store_true",
+        help="with up: also start the Prefect worker and the agent server",
+    )
     s.set_defaults(func=_stack)
 
     s = sub.add_parser("seed-data", help="fill bot_training_data with synthetic interactions")

@@ -43,10 +43,11 @@ class StackError(RuntimeError):
 class Service:
     name: str
     url: str  # what users open / clients use
-    health_url: str
-    port: int
+    health_url: str | None  # None: alive is healthy (a worker has no HTTP endpoint)
+    port: int | None
     command: list[str]
     env: dict[str, str]
+    cwd: Path | None = None  # None: the data directory
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,35 @@ def services(settings: Settings) -> list[Service]:
     return out
 
 
+def apps(settings: Settings) -> list[Service]:
+    """The project's own long-running processes: the Prefect worker and the agent server."""
+    out = [
+        Service(
+            name="worker",
+            url=f"pool valifi-process at {settings.prefect_api_url}",
+            health_url=None,
+            port=None,
+            command=[_bin("valifi"), "worker"],
+            env={"PYTHONUNBUFFERED": "1"},
+            cwd=Path.cwd(),
+        )
+    ]
+    port = settings.local_port(settings.python_agent_url)
+    if port is not None:
+        out.append(
+            Service(
+                name="agent",
+                url=f"http://127.0.0.1:{port}",
+                health_url=f"http://127.0.0.1:{port}/health",
+                port=port,
+                command=[_bin("valifi"), "serve", "--port", str(port)],
+                env={"PYTHONUNBUFFERED": "1"},
+                cwd=Path.cwd(),
+            )
+        )
+    return out
+
+
 def _pidfile(settings: Settings, name: str) -> Path:
     return _dirs(settings)["run"] / f"{name}.json"
 
@@ -207,7 +237,9 @@ def _recorded_process(settings: Settings, name: str) -> psutil.Process | None:
     return None
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str | None) -> bool:
+    if url is None:
+        return True
     try:
         return httpx.get(url, timeout=2.0).status_code == 200
     except httpx.HTTPError:
@@ -225,14 +257,15 @@ def _start(settings: Settings, svc: Service) -> psutil.Process:
     for p in d.values():
         p.mkdir(parents=True, exist_ok=True)
     log = open(d["logs"] / f"{svc.name}.log", "ab")  # noqa: SIM115 - handed to the child
-    env = {**os.environ, **svc.env}
+    # the same settings in every child, wherever it runs
+    env = {**os.environ, **svc.env, "VALIFI_DATA_DIR": str(settings.data_dir)}
     popen = subprocess.Popen(
         svc.command,
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env=env,
-        cwd=settings.data_dir,
+        cwd=svc.cwd or settings.data_dir,
         start_new_session=True,  # its own process group: `down` stops the whole tree
     )
     log.close()
@@ -246,11 +279,12 @@ def _start(settings: Settings, svc: Service) -> psutil.Process:
 def _wait_healthy(settings: Settings, svc: Service, proc: psutil.Process) -> None:
     deadline = time.monotonic() + settings.stack_timeout_s
     log = _dirs(settings)["logs"] / f"{svc.name}.log"
+    settle = time.monotonic() + (3.0 if svc.health_url is None else 0.0)
     while time.monotonic() < deadline:
-        if _healthy(svc.health_url):
-            return
         if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
             raise StackError(f"{svc.name} exited during start-up; see {log}")
+        if _healthy(svc.health_url) and time.monotonic() >= settle:
+            return
         time.sleep(0.5)
     raise StackError(
         f"{svc.name} did not answer {svc.health_url} within {settings.stack_timeout_s:.0f} s; "
@@ -258,20 +292,33 @@ def _wait_healthy(settings: Settings, svc: Service, proc: psutil.Process) -> Non
     )
 
 
-def up(settings: Settings) -> list[ServiceStatus]:
-    """Start what is not running yet and wait until every service is healthy."""
+def up(settings: Settings, with_apps: bool = False) -> list[ServiceStatus]:
+    """Start what is not running yet and wait until every service is healthy.
+
+    `with_apps`: also the Prefect worker and the agent server, once the services answer.
+    """
     out = []
     if settings.database_url:
         out.append(ServiceStatus("postgres", _redact(settings.database_url), "external"))
     else:
         url = start_embedded_pg(settings)
         out.append(ServiceStatus("postgres", url, "embedded", embedded_pg_running(settings)))
+    out += _up(settings, services(settings))
+    if with_apps:
+        out += _up(settings, apps(settings))
+    (settings.data_dir / "stack.json").write_text(
+        json.dumps({s.name: s.url for s in out}, indent=2)
+    )
+    return out
+
+
+def _up(settings: Settings, wanted: list[Service]) -> list[ServiceStatus]:
     # Start every service before waiting for any: their start-ups overlap.
-    procs = []
-    for svc in services(settings):
+    out, procs = [], []
+    for svc in wanted:
         proc = _recorded_process(settings, svc.name)
         if proc is None:
-            if port_in_use(svc.port):
+            if svc.port is not None and port_in_use(svc.port):
                 raise StackError(
                     f"port {svc.port} for {svc.name} is taken by another process; stop it, "
                     f"or point {_url_var(svc.name)} at another port"
@@ -281,9 +328,6 @@ def up(settings: Settings) -> list[ServiceStatus]:
     for svc, proc in procs:
         _wait_healthy(settings, svc, proc)
         out.append(ServiceStatus(svc.name, svc.url, "running", proc.pid))
-    (settings.data_dir / "stack.json").write_text(
-        json.dumps({s.name: s.url for s in out}, indent=2)
-    )
     return out
 
 
@@ -298,7 +342,8 @@ def status(settings: Settings) -> list[ServiceStatus]:
                 "postgres", str(_dirs(settings)["pg"]), "embedded" if pid else "stopped", pid
             )
         )
-    for svc in services(settings):
+    started_apps = [a for a in apps(settings) if _pidfile(settings, a.name).exists()]
+    for svc in services(settings) + started_apps:
         proc = _recorded_process(settings, svc.name)
         if proc is not None and _healthy(svc.health_url):
             out.append(ServiceStatus(svc.name, svc.url, "running", proc.pid))
@@ -309,16 +354,20 @@ def status(settings: Settings) -> list[ServiceStatus]:
     return out
 
 
-def down(settings: Settings, timeout: float = 20.0) -> list[str]:
-    """Stop what `up` started (and the embedded PostgreSQL); returns the names stopped."""
+def down(settings: Settings, timeout: float = 20.0, only_apps: bool = False) -> list[str]:
+    """Stop what `up` started (and the embedded PostgreSQL); returns the names stopped.
+
+    `only_apps`: just the worker and the agent server.
+    """
     stopped = []
-    for svc in services(settings):
+    wanted = apps(settings) + ([] if only_apps else services(settings))
+    for svc in wanted:  # the apps first: they use the services
         proc = _recorded_process(settings, svc.name)
         if proc is not None:
             _terminate_group(proc, timeout)
             stopped.append(svc.name)
         _pidfile(settings, svc.name).unlink(missing_ok=True)
-    if not settings.database_url and stop_embedded_pg(settings):
+    if not only_apps and not settings.database_url and stop_embedded_pg(settings):
         stopped.append("postgres")
     return stopped
 
@@ -336,7 +385,11 @@ def _terminate_group(proc: psutil.Process, timeout: float) -> None:
 
 
 def _url_var(name: str) -> str:
-    return {"mlflow": "MLFLOW_TRACKING_URI", "prefect": "PREFECT_API_URL"}[name]
+    return {
+        "mlflow": "MLFLOW_TRACKING_URI",
+        "prefect": "PREFECT_API_URL",
+        "agent": "PYTHON_AGENT_URL",
+    }[name]
 
 
 def _redact(url: str) -> str:

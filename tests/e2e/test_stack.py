@@ -16,6 +16,14 @@ from tests.helpers import free_port, valifi
 pytestmark = pytest.mark.e2e
 
 
+def _alive(pid: int) -> bool:
+    """Running, not an exited child waiting to be reaped."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _pids(data_dir: str) -> dict[str, int]:
     run = Path(data_dir) / "run"
     return {p.stem: json.loads(p.read_text())["pid"] for p in run.glob("*.json")}
@@ -88,7 +96,7 @@ def test_down_stops_only_what_it_started_and_postgres_persists(tmp_path):
         down = valifi("stack", "down", env=env)
         assert down.returncode == 0, down.stderr
         assert "prefect" in down.stdout and "postgres" in down.stdout
-        assert not psutil.pid_exists(prefect_pid)
+        assert not _alive(prefect_pid)
         assert bystander.poll() is None  # not ours: left running
         status = valifi("stack", "status", env=env)
         assert status.returncode != 0 and "stopped" in status.stdout
@@ -118,3 +126,27 @@ def test_import_mlflow_from_repository_root_is_the_library():
     )
     assert out.returncode == 0, out.stderr
     assert "site-packages" in out.stdout
+
+
+def test_apps_worker_and_agent_server_start_and_stop_with_the_stack(stack_env):
+    import httpx
+
+    port = free_port()
+    env = {"PYTHON_AGENT_URL": f"http://127.0.0.1:{port}", "VALIFI_MODEL_NAME": "no-such-model"}
+    up = valifi("stack", "up", "--apps", env=env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        pids = _pids(stack_env["VALIFI_DATA_DIR"])
+        assert {"worker", "agent"} <= set(pids)
+        status = valifi("stack", "status", env=env)
+        lines = {line.split()[0]: line for line in status.stdout.splitlines()}
+        assert "running" in lines["worker"] and "running" in lines["agent"]
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"task": "What is Valifi?"})
+        assert r.status_code == 200 and r.json()["type"] == "info"
+        worker = psutil.Process(pids["worker"])
+        assert "worker" in " ".join(worker.cmdline())
+    finally:
+        down = valifi("stack", "down", "--apps", env=env)
+    assert down.returncode == 0 and "worker" in down.stdout and "agent" in down.stdout
+    assert not _alive(pids["agent"]) and not _alive(pids["worker"])
+    assert "mlflow" in _pids(stack_env["VALIFI_DATA_DIR"])  # the services stay up

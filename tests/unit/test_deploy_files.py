@@ -16,7 +16,7 @@ def _compose() -> dict:
 
 def test_compose_runs_the_stack_services():
     services = _compose()["services"]
-    assert {"postgres", "mlflow", "prefect"} <= set(services)
+    assert {"postgres", "mlflow", "prefect", "seed", "worker", "agent"} <= set(services)
     for name, svc in services.items():
         build = svc.get("build")
         if build:
@@ -27,18 +27,34 @@ def test_compose_runs_the_stack_services():
     assert "mlflow" in services["mlflow"]["environment"]["MLFLOW_ALLOWED_HOSTS"]
 
 
+def _commands(cmd) -> list[list[str]]:
+    """The commands a compose `command:` runs (`sh -c "a && exec b"` is two)."""
+    argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    steps = [shlex.split(p) for p in argv[2].split("&&")] if argv[:2] == ["sh", "-c"] else [argv]
+    return [step[1:] if step[0] == "exec" else step for step in steps]
+
+
 def test_compose_commands_are_real_valifi_commands():
     parser = build_parser()
+    seen = []
     for svc in _compose()["services"].values():
-        cmd = svc.get("command")
-        if not cmd:
-            continue
-        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        if argv[0] == "valifi":
-            parser.parse_args(argv[1:])  # exits (fails the test) on an unknown command
+        for step in _commands(svc.get("command") or ["true"]):
+            if step[0] == "valifi":
+                parser.parse_args(step[1:])  # exits (fails the test) on an unknown command
+                seen.append(step[1])
+    assert {"seed-data", "deploy", "worker", "serve"} <= set(seen)
 
 
 def test_mlflow_folder_is_deployment_files_not_a_package():
     assert (ROOT / "mlflow" / "Dockerfile").is_file()
     assert (ROOT / "mlflow" / "entrypoint.sh").is_file()
     assert not (ROOT / "mlflow" / "__init__.py").exists()
+
+
+def test_prefect_yaml_defines_the_nightly_deployment():
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    assert dep["name"] == "nightly" and dep["entrypoint"] == "flows/pipeline.py:train"
+    assert dep["schedules"][0]["cron"] == "0 2 * * *"
+    assert dep["concurrency_limit"]["limit"] == 1
+    assert dep["work_pool"]["name"] == "valifi-process"
