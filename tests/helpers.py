@@ -3,6 +3,7 @@ it under another name, so a second import would run it twice)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -174,3 +175,27 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def module_settings(server_url: str, db_name: str, values: dict[str, str]):
+    """A database of its own on `server_url` and these settings in the environment, for
+    the length of a test module; yields {**values, "DATABASE_URL": ...}."""
+    import psycopg2
+    import pytest
+
+    conn = psycopg2.connect(server_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{db_name}"')
+    values = {"DATABASE_URL": server_url.rsplit("/", 1)[0] + f"/{db_name}", **values}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in values.items():
+                mp.setenv(k, v)
+            yield values
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        conn.close()

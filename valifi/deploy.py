@@ -102,8 +102,7 @@ def notifications(settings: Settings) -> None:
             return str((await client.read_deployment_by_name(DEPLOYMENT)).id)
 
     dep = asyncio.run(deployment_id())
-    for existing in Automation.read(name=AUTOMATION) if _exists(AUTOMATION) else []:
-        existing.delete()
+    _delete_automations(AUTOMATION)
     Automation(
         name=AUTOMATION,
         description="Notify on failed, crashed, rejected and rolled-back train runs",
@@ -123,13 +122,15 @@ def notifications(settings: Settings) -> None:
     ).create()
 
 
-def _exists(name: str) -> bool:
+def _delete_automations(name: str) -> None:
+    """Remove earlier automations of this name, so a new deploy replaces them."""
     from prefect.automations import Automation
 
-    try:
-        return bool(Automation.read(name=name))
-    except ValueError:
-        return False
+    for _ in range(20):  # each read returns one; a name is not unique in Prefect
+        try:
+            Automation.read(name=name).delete()
+        except ValueError:  # none left
+            return
 
 
 def worker_command(settings: Settings) -> tuple[list[str], dict[str, str]]:

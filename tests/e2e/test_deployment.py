@@ -4,6 +4,7 @@ the real agent server, the run summary, and the automatic rollback after a promo
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import subprocess
@@ -12,12 +13,21 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
 
 from model.synthetic import World
-from tests.helpers import ROOT, free_port, register_small, start_server, stop_server, valifi
+from tests.helpers import (
+    ROOT,
+    free_port,
+    module_settings,
+    register_small,
+    start_server,
+    stop_server,
+    valifi,
+)
 from valifi.seed import seed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,21 +36,33 @@ MODEL = "valifi-agent-deploy-tests"
 NOW = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
 
 
-@pytest.fixture(scope="module")
-def env(stack_env, external_pg):
-    import psycopg2
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[dict]] = []
 
-    name = f"valifi_deploy_{os.getpid()}"
-    conn = psycopg2.connect(external_pg)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    url = external_pg.rsplit("/", 1)[0] + f"/{name}"
-    seed(url, 4000, world=World(seed=1), end=NOW)
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        _Hook.received.append(json.loads(body or b"{}"))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def webhook():
+    """A local receiver standing in for a chat or paging webhook."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", _Hook.received
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def env(stack_env, external_pg, webhook):
     port = free_port()
     values = {
-        "DATABASE_URL": url,
+        "VALIFI_NOTIFY_WEBHOOK_URL": webhook[0],
         "VALIFI_MODEL_NAME": MODEL,
         "VALIFI_TRAIN_MAX_EPOCHS": "8",
         "VALIFI_SYNTHETIC_GROUND_TRUTH": "true",
@@ -51,13 +73,9 @@ def env(stack_env, external_pg):
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "VALIFI_WORKER_POLL_S": "1",
     }
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in values.items():
-            mp.setenv(k, v)
-        yield values | {"port": port}
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    conn.close()
+    with module_settings(external_pg, f"valifi_deploy_{os.getpid()}", values) as env:
+        seed(env["DATABASE_URL"], 4000, world=World(seed=1), end=NOW, days=6)
+        yield env | {"port": port}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +83,7 @@ def deployed(env):
     r = valifi("deploy", env={})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "deployment train/nightly" in r.stdout
+    assert "automation valifi-train-notifications" in r.stdout
     return r.stdout
 
 
@@ -247,3 +266,35 @@ def test_a_version_failing_at_serving_time_is_rolled_back_with_the_reason(env, s
     failed = [(v, probe) for code, v, probe in codes if code == 500]
     assert failed and all(v == bad and probe for v, probe in failed)
     assert any(code == 200 and not probe for code, _, probe in codes)
+
+
+def test_a_failed_run_sends_a_notification(env, worker, webhook):
+    _, received = webhook
+    before = len(received)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "deployment",
+            "run",
+            "train/nightly",
+            "--param",
+            'train_args=["--no-such-option"]',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    run_id = next(line.split()[-1] for line in r.stdout.splitlines() if "UUID" in line)
+    run = _wait_final(run_id)
+    assert run.state.is_failed() and "training failed" in run.state.message
+    deadline = time.monotonic() + 90
+    while len(received) == before:
+        assert time.monotonic() < deadline, "no notification arrived"
+        time.sleep(1)
+    note = received[-1]
+    assert "Failed" in note["subject"] and run.name in note["subject"]
+    assert "training failed" in note["body"]

@@ -94,7 +94,7 @@ def test_limit_and_window_and_stable_sha(seeded, tmp_path):
 
 def test_key_order_and_whitespace_do_not_change_the_snapshot(fresh_db, external_pg, tmp_path):
     url = fresh_db(external_pg)
-    seed(url, 120, layout="design", world=World(seed=1), end=NOW)
+    seed(url, 120, layout="design", world=World(seed=1), end=NOW, days=6)
     _execute(
         url,
         'UPDATE bot_training_data SET input = \'{ "b": 1,   "a": {"y": 2, "x": 3}}\' WHERE id = 1',
@@ -110,7 +110,7 @@ def test_key_order_and_whitespace_do_not_change_the_snapshot(fresh_db, external_
 def test_bad_rows_fail_the_right_expectations(fresh_db, external_pg, layout, tmp_path):
     url = fresh_db(external_pg)
     bad = BadRows(null_reward=0.3, out_of_range=0.02, malformed=0.05)
-    seed(url, 2000, layout=layout, world=World(seed=9), end=NOW, bad=bad)
+    seed(url, 2000, layout=layout, world=World(seed=9), end=NOW, days=6, bad=bad)
     snap = export_snapshot(url, ExportSpec(), tmp_path)
     m = Manifest.read(snap)
     assert m.null_reward_rows == 600 and m.bad_input_rows == 100
@@ -138,7 +138,7 @@ def test_clean_snapshot_passes_and_other_limits_are_enforced(seeded, tmp_path):
 
 def test_empty_and_too_small_tables(fresh_db, external_pg, tmp_path):
     url = fresh_db(external_pg)
-    seed(url, 42, world=World(seed=3), end=NOW)
+    seed(url, 42, world=World(seed=3), end=NOW, days=6)
     with pytest.raises(InsufficientData, match=r"insufficient data: 42 < 100"):
         export_snapshot(url, ExportSpec(), tmp_path)
     _execute(url, "DELETE FROM bot_training_data")
@@ -149,7 +149,7 @@ def test_empty_and_too_small_tables(fresh_db, external_pg, tmp_path):
 
 def test_malicious_table_name_is_quoted_not_executed(fresh_db, external_pg, tmp_path):
     url = fresh_db(external_pg)
-    seed(url, 150, world=World(seed=3), end=NOW)
+    seed(url, 150, world=World(seed=3), end=NOW, days=6)
     evil = 'bot_training_data"; DROP TABLE trading_bots; --'
     with pytest.raises(SourceError, match="does not exist"):
         export_snapshot(url, ExportSpec(table=evil), tmp_path)
@@ -165,7 +165,7 @@ def test_malicious_table_name_is_quoted_not_executed(fresh_db, external_pg, tmp_
 
 def test_explicit_column_mapping_for_another_schema(fresh_db, external_pg, tmp_path):
     url = fresh_db(external_pg)
-    seed(url, 300, layout="design", world=World(seed=3), end=NOW)
+    seed(url, 300, layout="design", world=World(seed=3), end=NOW, days=6)
     _execute(
         url,
         'ALTER TABLE bot_training_data RENAME COLUMN "botId" TO agent;'

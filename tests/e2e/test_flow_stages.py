@@ -38,24 +38,24 @@ def _task_runs(flow_run_id):
 def test_too_little_data_ends_as_skipped(flow_db):
     from flows.pipeline import train
 
-    seed(flow_db, 42, world=World(seed=1), end=NOW)
+    seed(flow_db, 42, world=World(seed=1), end=NOW, days=6)
     state = train(return_state=True)
     assert state.is_completed() and state.name == "Skipped"
     assert state.message == "skipped: insufficient data: 42 < 100"
     runs = _task_runs(state.state_details.flow_run_id)
-    assert set(runs) == {"export"}  # validation never ran
+    assert set(runs) == {"superseded", "export"}  # validation never ran
 
 
 def test_invalid_data_fails_before_training_with_the_failed_expectations(flow_db):
     from flows.pipeline import train
 
-    seed(flow_db, 1000, world=World(seed=1), end=NOW, bad=BadRows(out_of_range=0.05))
+    seed(flow_db, 1000, world=World(seed=1), end=NOW, days=6, bad=BadRows(out_of_range=0.05))
     state = train(return_state=True)
     assert state.is_failed()
     assert "expect_column_values_to_be_between on reward" in state.message
     assert "5.00% unexpected" in state.message
     runs = _task_runs(state.state_details.flow_run_id)
-    assert set(runs) == {"export", "validate"}
+    assert set(runs) == {"superseded", "export", "validate"}
     assert runs["validate"].state.is_failed() and runs["validate"].run_count == 1
 
 

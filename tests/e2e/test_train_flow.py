@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from model.synthetic import BOTS, BadRows, World
-from tests.helpers import ROOT, free_port, valifi
+from tests.helpers import ROOT, free_port, module_settings, valifi
 from valifi.seed import seed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -31,28 +31,13 @@ NOW = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
 @pytest.fixture(scope="module")
 def env(stack_env, external_pg):
     """Settings of this module: its own database and model name, short training."""
-    import psycopg2
-
-    name = f"valifi_flow_{os.getpid()}"
-    conn = psycopg2.connect(external_pg)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    url = external_pg.rsplit("/", 1)[0] + f"/{name}"
     values = {
-        "DATABASE_URL": url,
         "VALIFI_MODEL_NAME": MODEL,
         "VALIFI_TRAIN_MAX_EPOCHS": "8",
         "VALIFI_SYNTHETIC_GROUND_TRUTH": "true",
     }
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in values.items():
-            mp.setenv(k, v)
-        yield values
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    conn.close()
+    with module_settings(external_pg, f"valifi_flow_{os.getpid()}", values) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +70,7 @@ def _run(**params):
 
 
 def test_first_run_registers_v1_and_promotes_it(env, mlflow_client):
-    seed(env["DATABASE_URL"], 4000, world=World(seed=1), end=NOW)
+    seed(env["DATABASE_URL"], 4000, world=World(seed=1), end=NOW, days=6)
     state = _run()
     assert state.is_completed() and state.name == "Completed", state.message
     assert state.message.startswith("promoted v1: ")
@@ -106,7 +91,7 @@ def test_first_run_registers_v1_and_promotes_it(env, mlflow_client):
 
 
 def test_second_run_compares_against_v1_with_recorded_reasons(env, mlflow_client):
-    seed(env["DATABASE_URL"], 1500, world=World(seed=2), end=NOW, mode="append")
+    seed(env["DATABASE_URL"], 1500, world=World(seed=2), end=NOW, days=6, mode="append")
     state = _run()
     assert state.is_completed(), state.message
     tags = mlflow_client.get_model_version(MODEL, "2").tags
@@ -132,7 +117,7 @@ def test_invalid_data_stops_before_training_and_registers_nothing(
     env, mlflow_client, fresh_db, external_pg, monkeypatch
 ):
     url = fresh_db(external_pg)
-    seed(url, 1000, world=World(seed=3), end=NOW, bad=BadRows(malformed=0.1))
+    seed(url, 1000, world=World(seed=3), end=NOW, days=6, bad=BadRows(malformed=0.1))
     monkeypatch.setenv("DATABASE_URL", url)
     count = len(_versions(mlflow_client))
     state = _run()
@@ -140,7 +125,7 @@ def test_invalid_data_stops_before_training_and_registers_nothing(
     assert len(_versions(mlflow_client)) == count
 
     small = fresh_db(external_pg)
-    seed(small, 30, world=World(seed=3), end=NOW)
+    seed(small, 30, world=World(seed=3), end=NOW, days=6)
     monkeypatch.setenv("DATABASE_URL", small)
     state = _run()
     assert state.name == "Skipped" and "insufficient data: 30 < 100" in state.message
