@@ -54,7 +54,12 @@ def download(tracking_uri: str, version: str, dst: Path, name: str = MODEL_NAME)
     """Download a version's model; returns the folder of its agent artifact."""
     import mlflow.artifacts
 
+    import mlflow
+
     mv = client(tracking_uri).get_model_version(name, str(version))
+    # `models:/` URIs resolve through the process-wide registry URI, not the argument below
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst), tracking_uri=tracking_uri
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -140,7 +141,6 @@ def _rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    import os
     import shutil
     import time
 
@@ -197,8 +197,6 @@ def _deploy(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    import os
-
     from valifi.deploy import ROOT, worker_command
 
     cmd, env = worker_command(settings)
@@ -299,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
+    # The libraries and every process started from here read these from the environment;
+    # settings (with their defaults and .env) are the one source of truth.
+    os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    os.environ["PREFECT_API_URL"] = settings.prefect_api_url
     try:
         return args.func(args, settings)
     except Exception as exc:  # every command ends with a readable reason, not a traceback
