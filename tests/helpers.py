@@ -109,31 +109,36 @@ def synthetic_snapshot(
     return folder
 
 
-def train_small(root: Path, seed: int, rows: int = 1500, epochs: int = 2) -> tuple[Path, Path]:
-    """A quickly trained model: (snapshot, training output folder)."""
+def train_small(
+    root: Path,
+    seed: int,
+    rows: int = 1500,
+    epochs: int | None = 2,
+    extra: tuple[str, ...] = (),
+    train_seed: int | None = None,
+) -> tuple[Path, Path]:
+    """Train with `python -m model.train` on a synthetic snapshot of `rows` rows made with
+    `seed`: (snapshot, training output folder). `epochs=None` keeps the model's default;
+    the training seed is `seed` unless `train_seed` is given."""
     snap = synthetic_snapshot(root / f"snap{seed}", rows, seed=seed)
     out = root / f"out{seed}"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "model.train",
-            "--snapshot",
-            str(snap),
-            "--out",
-            str(out),
-            "--max-epochs",
-            str(epochs),
-            "--no-progress",
-            "--seed",
-            str(seed),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [
+        sys.executable,
+        "-m",
+        "model.train",
+        "--snapshot",
+        str(snap),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--seed",
+        str(seed if train_seed is None else train_seed),
+        *extra,
+    ]
+    if epochs is not None:
+        cmd += ["--max-epochs", str(epochs)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return snap, out
 
 

@@ -337,6 +337,17 @@ def test_valifi_health(server):
     assert down.returncode == 1 and "unhealthy" in down.stderr
 
 
+def _wait_registry_reachable(server: str, expected: bool, failure: str) -> None:
+    """Until the status answer reports the registry as `expected` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while (
+        post(server, {"task": "What is the system status?"}).json()["data"]["registry_reachable"]
+        is not expected
+    ):
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.3)
+
+
 def test_mlflow_stopped_and_restarted_while_serving(server, versions, stack_env):
     from flows.registry import client, move_alias
 
@@ -345,27 +356,11 @@ def test_mlflow_stopped_and_restarted_while_serving(server, versions, stack_env)
     with Load(server, threads=4) as load:
         time.sleep(0.5)
         os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while (
-            post(server, {"task": "What is the system status?"}).json()["data"][
-                "registry_reachable"
-            ]
-            is not False
-        ):
-            assert time.monotonic() < deadline, "outage not noticed"
-            time.sleep(0.3)
+        _wait_registry_reachable(server, False, "outage not noticed")
         time.sleep(2 * POLL_S)
         up = valifi("stack", "up", env={})
         assert up.returncode == 0, up.stderr
-        deadline = time.monotonic() + 30
-        while (
-            post(server, {"task": "What is the system status?"}).json()["data"][
-                "registry_reachable"
-            ]
-            is not True
-        ):
-            assert time.monotonic() < deadline, "recovery not noticed"
-            time.sleep(0.3)
+        _wait_registry_reachable(server, True, "recovery not noticed")
         # it catches up: a move made after the outage is followed
         move_alias(client(versions), "2", "after the outage", "test", "promote", MODEL)
         deadline = time.monotonic() + 30

@@ -4,43 +4,28 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 
 from model.artifact import load
 from model.synthetic import BOTS, World
-from tests.helpers import ROOT, synthetic_snapshot
+from tests.helpers import train_small
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quality")
-    snap = synthetic_snapshot(root / "snap", 10_000, seed=1)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "model.train",
-            "--snapshot",
-            str(snap),
-            "--out",
-            str(root / "out"),
-            "--ground-truth",
-            "synthetic",
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    _, out = train_small(
+        tmp_path_factory.mktemp("quality"),
+        seed=1,
+        rows=10_000,
+        epochs=None,
+        extra=("--ground-truth", "synthetic"),
+        train_seed=0,
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    result = json.loads((root / "out" / "result.json").read_text())
-    return load(root / "out" / "artifact"), result["metrics"]
+    result = json.loads((out / "result.json").read_text())
+    return load(out / "artifact"), result["metrics"]
 
 
 def test_learned_policy_beats_baselines_and_closes_half_the_gap(trained):
