@@ -6,6 +6,7 @@ ARG TORCH_SPEC=torch==2.13.0
 RUN pip install --no-cache-dir "$TORCH_SPEC"
 COPY pyproject.toml README.md prefect.yaml ./
 COPY valifi ./valifi
+COPY core ./core
 COPY model ./model
 COPY flows ./flows
 COPY serving ./serving

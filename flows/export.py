@@ -21,8 +21,8 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from core.settings import ExportSpec
 from flows.source import Source, detect, export_query, parsed_by_server
 
 MANIFEST = "manifest.json"
@@ -56,24 +57,6 @@ SCHEMA = pa.schema(
 
 class InsufficientData(RuntimeError):
     """Fewer rows than the minimum: the run is skipped, not failed."""
-
-
-@dataclass
-class ExportSpec:
-    """What to export; defaults follow the original design (7 days, newest 10,000)."""
-
-    table: str = "bot_training_data"
-    days: float = 7.0
-    limit: int = 10_000
-    min_rows: int = 100
-    until: datetime | None = None  # end of the window (UTC); default now
-    columns: dict[str, str] = field(default_factory=dict)
-    chunk_bytes: int = 4 << 20  # rows parsed and written per chunk
-
-    def window(self) -> tuple[datetime, datetime]:
-        until = self.until or datetime.now(UTC)
-        until = until if until.tzinfo else until.replace(tzinfo=UTC)
-        return until - timedelta(days=self.days), until
 
 
 @dataclass

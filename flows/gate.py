@@ -1,11 +1,15 @@
-"""The promotion gate: absolute floors, then no regression against the champion.
+"""The promotion gate: absolute floors, then non-inferiority against the champion.
 
 The primary metric is the squared error of the predicted reward on this run's
 temporal holdout (lower is better). Challenger and champion are scored on the
-same rows, and the mean per-row difference (challenger - champion) gets a paired
-bootstrap confidence interval: the challenger is rejected only when the whole
-interval lies above the allowed regression, so noise alone never moves
-production, in either direction. The first model is judged on floors alone.
+same rows, and the mean per-row difference (challenger − champion) gets a paired
+bootstrap confidence interval. The challenger is promoted only when the **upper**
+bound of that interval lies below the margin (`margin` × the champion's holdout
+MSE): an uncertain challenger never replaces the champion, and a retrain that is
+as good up to the margin does. The first model is judged on floors alone.
+
+The gate fails closed: a non-finite metric or per-row error, rows that do not
+pair up, or a holdout too small to decide is a rejection with that reason.
 """
 
 from __future__ import annotations
@@ -15,16 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from core.settings import GateSpec
 from model.metrics import paired_bootstrap_ci
-
-
-@dataclass
-class GateSpec:
-    auc_min: float = 0.6  # ROC AUC of the score against reward > 0
-    rmse_ratio_max: float = 0.95  # RMSE must beat predicting the training mean by 5%
-    max_regression: float = 0.0  # allowed increase of the holdout MSE (challenger - champion)
-    confidence: float = 0.95
-    bootstrap: int = 2000
 
 
 @dataclass
@@ -34,15 +30,65 @@ class GateDecision:
     challenger: dict
     champion: dict | None = None
     champion_version: str | None = None
-    mse_diff: dict | None = None  # mean, low, high of challenger - champion
+    mse_diff: dict | None = None  # mean, low, high of challenger − champion; margin
     floors: dict = field(default_factory=dict)
+    rule: str = ""  # the rule in words, with the numbers
 
     def summary(self) -> str:
         verdict = "pass" if self.passed else "reject"
         return f"{verdict}: " + "; ".join(self.reasons)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"summary": self.summary()}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _unusable(spec: GateSpec, challenger: dict, new: np.ndarray, old: np.ndarray | None):
+    """Why the numbers cannot support a decision, or None."""
+    bad = [k for k in ("auc", "rmse", "baseline_rmse") if not _finite(challenger.get(k))]
+    if bad:
+        return "non-finite challenger metrics: " + ", ".join(
+            f"{k}={challenger.get(k)}" for k in bad
+        )
+    for who, err in (("challenger", new), ("champion", old)):
+        if err is not None and not np.all(np.isfinite(err)):
+            return f"{int(np.sum(~np.isfinite(err)))} non-finite per-row errors of the {who}"
+    if old is not None and len(old) != len(new):
+        return f"per-row errors do not pair up ({len(new)} vs {len(old)} rows)"
+    if len(new) < spec.min_holdout_rows:
+        return (
+            f"a holdout of {len(new)} rows is too small to decide "
+            f"(at least {spec.min_holdout_rows})"
+        )
+    return None
+
+
+def _floors(spec: GateSpec, challenger: dict) -> tuple[list[str], dict]:
+    """Reasons the floors fail (empty when met), and the floor figures."""
+    auc, rmse, base = challenger["auc"], challenger["rmse"], challenger["baseline_rmse"]
+    floors = {"auc": auc, "auc_min": spec.auc_min, "rmse": rmse}
+    floors["rmse_max"] = spec.rmse_ratio_max * base
+    failed = []
+    if auc < spec.auc_min:
+        failed.append(f"AUC {auc:.3f} below the floor {spec.auc_min:.3f}")
+    if rmse > floors["rmse_max"]:
+        failed.append(
+            f"RMSE {rmse:.4f} above the floor {floors['rmse_max']:.4f} "
+            f"({spec.rmse_ratio_max:g} x the mean predictor's {base:.4f})"
+        )
+    return failed, floors
+
+
+def rule_text(spec: GateSpec) -> str:
+    return (
+        f"Promote when AUC ≥ {spec.auc_min:g}, RMSE ≤ {spec.rmse_ratio_max:g} × the mean "
+        f"predictor's, and the upper bound of the {spec.confidence:.0%} CI of "
+        f"(challenger − champion) holdout MSE is below {spec.margin:.0%} of the champion's "
+        f"MSE; any non-finite number or a holdout under {spec.min_holdout_rows} rows rejects."
+    )
 
 
 def decide(
@@ -54,40 +100,37 @@ def decide(
     champion_version: str | None = None,
 ) -> GateDecision:
     """Judge a challenger's holdout metrics (and per-row squared errors) against the spec."""
-    reasons, passed = [], True
-    auc, rmse, base = challenger["auc"], challenger["rmse"], challenger["baseline_rmse"]
-    floors = {
-        "auc": auc,
-        "auc_min": spec.auc_min,
-        "rmse": rmse,
-        "rmse_max": spec.rmse_ratio_max * base,
-    }
-    if not (isinstance(auc, float) and math.isfinite(auc)) or auc < spec.auc_min:
-        passed = False
-        reasons.append(f"AUC {auc:.3f} below the floor {spec.auc_min:.3f}")
-    if rmse > spec.rmse_ratio_max * base:
-        passed = False
-        reasons.append(
-            f"RMSE {rmse:.4f} above the floor {spec.rmse_ratio_max * base:.4f} "
-            f"({spec.rmse_ratio_max:g} x the mean predictor's {base:.4f})"
+    new = np.asarray(sq_err_new, float)
+    old = None if champion is None or sq_err_old is None else np.asarray(sq_err_old, float)
+    out = GateDecision(False, [], challenger, champion, champion_version, rule=rule_text(spec))
+    if why := _unusable(spec, challenger, new, old):
+        out.reasons.append(f"cannot decide: {why}")
+        return out
+    failed, out.floors = _floors(spec, challenger)
+    if failed:
+        out.reasons += failed
+        return out
+    out.reasons.append(f"floors met (AUC {challenger['auc']:.3f}, RMSE {challenger['rmse']:.4f})")
+    if old is None:
+        out.passed = True
+        out.reasons.append("no champion: judged on floors alone")
+        return out
+    mean, lo, hi = paired_bootstrap_ci(new, old, spec.bootstrap, 1 - spec.confidence)
+    champ_mse = float(old.mean())
+    margin = spec.margin * champ_mse
+    out.mse_diff = {"mean": mean, "low": lo, "high": hi, "margin": margin, "champion": champ_mse}
+    ci = f"{spec.confidence:.0%} CI [{lo:+.4f}, {hi:+.4f}]"
+    vs = f"v{champion_version}" if champion_version else "the champion"
+    bound = f"margin {margin:+.4f} ({spec.margin:.0%} of {vs}'s MSE {champ_mse:.4f})"
+    if hi < margin:
+        out.passed = True
+        out.reasons.append(
+            f"non-inferior to {vs}: holdout MSE {mean:+.4f} vs champion, {ci}, "
+            f"upper bound below the {bound}"
         )
-    if passed:
-        reasons.append(f"floors met (AUC {auc:.3f}, RMSE {rmse:.4f})")
-    diff = None
-    if champion is None or sq_err_old is None:
-        reasons.append("no champion: judged on floors alone")
     else:
-        mean, lo, hi = paired_bootstrap_ci(
-            sq_err_new, sq_err_old, spec.bootstrap, 1 - spec.confidence
+        out.reasons.append(
+            f"not shown non-inferior to {vs}: holdout MSE {mean:+.4f} vs champion, {ci}, "
+            f"upper bound not below the {bound}"
         )
-        diff = {"mean": mean, "low": lo, "high": hi}
-        ci = f"{spec.confidence:.0%} CI [{lo:+.4f}, {hi:+.4f}]"
-        if lo > spec.max_regression:
-            passed = False
-            reasons.append(
-                f"regresses against v{champion_version}: holdout MSE {mean:+.4f} vs champion, {ci}"
-            )
-        else:
-            word = "improves on" if hi < 0 else "does not regress against"
-            reasons.append(f"{word} v{champion_version}: holdout MSE {mean:+.4f}, {ci}")
-    return GateDecision(passed, reasons, challenger, champion, champion_version, diff, floors)
+    return out

@@ -94,7 +94,7 @@ def detect(cur, table: str, mapping: dict[str, str] | None = None) -> Source:
             wanted = mapping.get(role) or " or ".join(names)
             raise SourceError(
                 f"table {table!r} has no column for {role} ({wanted}); its columns are "
-                f"{sorted(found)}; set VALIFI_COLUMNS to map them"
+                f"{sorted(found)}; set VALIFI_EXPORT_COLUMNS to map them"
             )
         columns[role] = name
     types = {role: found[col] for role, col in columns.items()}

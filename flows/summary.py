@@ -13,6 +13,34 @@ def _table(rows: list[tuple[str, object]]) -> list[str]:
     return ["| | |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows]]
 
 
+def _gate(gate: dict) -> list[str]:
+    """The gate table, the decision and the rule in words."""
+    out: list[str] = []
+    ch, champ = gate["challenger"], gate.get("champion") or {}
+    out += [
+        "## Gate",
+        "| metric | challenger | "
+        f"champion{' v' + gate['champion_version'] if gate.get('champion_version') else ''}"
+        " |",
+        "|---|---|---|",
+    ]
+    for k in ("rmse", "mae", "auc", "baseline_rmse", "replay_value", "rows"):
+        out.append(f"| {k} | {_fmt(ch.get(k))} | {_fmt(champ.get(k))} |")
+    if d := gate.get("mse_diff"):
+        out.append(
+            f"| holdout MSE, challenger − champion | {d['mean']:+.4f} | "
+            f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}]; margin {d['margin']:+.4f} |"
+        )
+    out += [
+        "",
+        "**" + ("pass" if gate["passed"] else "reject") + "**: " + "; ".join(gate["reasons"]),
+        "",
+    ]
+    if rule := gate.get("rule"):
+        out += [f"Rule: {rule}", ""]
+    return out
+
+
 def render(s: dict) -> str:
     """Markdown for the Prefect UI from the pieces a run gathered (any may be missing)."""
     out = [f"# train: {s.get('decision', 'unknown')}", ""]
@@ -56,26 +84,7 @@ def render(s: dict) -> str:
             "",
         ]
     if gate := s.get("gate"):
-        ch, champ = gate["challenger"], gate.get("champion") or {}
-        out += [
-            "## Gate",
-            "| metric | challenger | "
-            f"champion{' v' + gate['champion_version'] if gate.get('champion_version') else ''}"
-            " |",
-            "|---|---|---|",
-        ]
-        for k in ("rmse", "mae", "auc", "baseline_rmse", "replay_value", "rows"):
-            out.append(f"| {k} | {_fmt(ch.get(k))} | {_fmt(champ.get(k))} |")
-        if d := gate.get("mse_diff"):
-            out.append(
-                f"| holdout MSE, challenger − champion | {d['mean']:+.4f} | "
-                f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}] |"
-            )
-        out += [
-            "",
-            "**" + ("pass" if gate["passed"] else "reject") + "**: " + "; ".join(gate["reasons"]),
-            "",
-        ]
+        out += _gate(gate)
     if reg := s.get("registry"):
         out += [
             "## Registry",

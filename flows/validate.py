@@ -14,12 +14,13 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 
+from core.settings import ExportSpec, ValidationSpec
 from flows.export import DATA, Manifest
 
 REPORT = "validation"
@@ -36,18 +37,6 @@ EXPECTED_COLUMNS = [
     "reward",
     "created_at",
 ]
-
-
-@dataclass
-class ValidationSpec:
-    reward_min: float = -1.0
-    reward_max: float = 1.0
-    data_types: list[str] = field(
-        default_factory=lambda: ["market_data", "user_feedback", "strategy_result"]
-    )
-    max_null_reward_fraction: float = 0.2
-    max_bad_payload_fraction: float = 0.01
-    min_rows: int = 100
 
 
 @dataclass
@@ -80,7 +69,7 @@ class ValidationFailed(RuntimeError):
         self.result = result
 
 
-def _suite(spec: ValidationSpec, window: dict[str, str]):
+def _suite(spec: ValidationSpec, window: dict[str, str], min_rows: int):
     import great_expectations.expectations as gxe
 
     since = pd.Timestamp(window["since"])
@@ -88,7 +77,7 @@ def _suite(spec: ValidationSpec, window: dict[str, str]):
     bad_mostly = 1.0 - spec.max_bad_payload_fraction
     return [
         gxe.ExpectTableColumnsToMatchSet(column_set=EXPECTED_COLUMNS, exact_match=True),
-        gxe.ExpectTableRowCountToBeBetween(min_value=spec.min_rows),
+        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
         *[
             gxe.ExpectColumnValuesToNotBeNull(column=c)
             for c in ("id", "bot", "data_type", "input", "created_at")
@@ -134,11 +123,15 @@ def _failure(res) -> Failure:
     return Failure(cfg.type, column, _observed(res), details)
 
 
-def validate_snapshot(snapshot: Path, spec: ValidationSpec | None = None) -> ValidationResult:
-    """Run the suite on a snapshot, write its Data Docs and summary beside it."""
+def validate_snapshot(
+    snapshot: Path, spec: ValidationSpec | None = None, min_rows: int | None = None
+) -> ValidationResult:
+    """Run the suite on a snapshot, write its Data Docs and summary beside it; the
+    row-count floor is the export's `min_rows` unless given."""
     import great_expectations as gx
 
     spec = spec or ValidationSpec()
+    min_rows = ExportSpec().min_rows if min_rows is None else min_rows
     snapshot = Path(snapshot)
     manifest = Manifest.read(snapshot)
     df = pd.read_parquet(snapshot / DATA)
@@ -149,7 +142,7 @@ def validate_snapshot(snapshot: Path, spec: ValidationSpec | None = None) -> Val
     asset = source.add_dataframe_asset("bot_training_data")
     batch_def = asset.add_batch_definition_whole_dataframe("all")
     suite = ctx.suites.add(gx.ExpectationSuite(name="bot_training_data"))
-    for exp in _suite(spec, manifest.window):
+    for exp in _suite(spec, manifest.window, min_rows):
         suite.add_expectation(exp)
     vd = ctx.validation_definitions.add(
         gx.ValidationDefinition(name="snapshot", data=batch_def, suite=suite)

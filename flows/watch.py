@@ -1,10 +1,15 @@
 """Watch a freshly promoted version on the agent server; roll back when it misbehaves.
 
-Reads the server's Prometheus /metrics for a window: requests, server errors
-(5xx) and latency of the new version, and the latency the previous version had.
+First the rollout: every inference worker must report (GET /status) that it
+serves the new version within `converge_s`; a worker that could not load it
+keeps serving the old one, and that is a failed rollout. Then, for a window, the
+server's Prometheus /metrics: requests, server errors (5xx) and latency of the
+new version, and the latency the previous version had. A 5xx that no worker
+labelled (a framework error or a timeout) counts against the new version too.
 The alias moves back (with the reason recorded in the registry's audit) when the
-new version's error rate exceeds the limit, or its p99 latency exceeds the
-previous version's by the allowed ratio.
+rollout fails, the new version's error rate exceeds the limit, or its p99 latency
+exceeds the previous version's by the allowed ratio — but only while `Production`
+still points at the version that was watched.
 """
 
 from __future__ import annotations
@@ -16,18 +21,11 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from core.registry import AliasMoved, Registry
+from core.settings import WatchSpec
+
 _LINE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
-
-
-@dataclass
-class WatchSpec:
-    window_s: float = 600.0
-    poll_s: float = 5.0
-    max_error_rate: float = 0.02  # share of 5xx answers
-    max_p99_ratio: float = 2.0  # new p99 over previous p99
-    min_p99_s: float = 0.25  # below this p99 never counts as a breach
-    min_requests: int = 20  # fewer answers than this: no judgement on error rate
 
 
 @dataclass
@@ -68,15 +66,23 @@ def parse(text: str) -> list[tuple[str, dict, float]]:
     return out
 
 
+UNLABELLED = "none"  # what the server labels an answer no model version produced
+
+
 def stats(samples: list[tuple[str, dict, float]], version: str) -> VersionStats:
+    """Requests, 5xx and latency of `version`; 5xx answers no worker labelled count too."""
     s = VersionStats(buckets={})
     for name, labels, value in samples:
-        if labels.get("model_version") != version:
+        mine = labels.get("model_version") == version
+        if name == "valifi_http_requests_total" and labels.get("status", "").startswith("5"):
+            if mine or labels.get("model_version") == UNLABELLED:
+                s.requests += value
+                s.errors += value
+            continue
+        if not mine:
             continue
         if name == "valifi_http_requests_total":
             s.requests += value
-            if labels.get("status", "").startswith("5"):
-                s.errors += value
         elif name == "valifi_request_latency_seconds_bucket":
             le = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
             s.buckets[le] = s.buckets.get(le, 0.0) + value
@@ -169,3 +175,87 @@ def watch(
         new.p99(),
         prev_p99,
     )
+
+
+def workers(url: str) -> dict:
+    """The server's own report of its inference workers (GET /status)."""
+    r = httpx.get(f"{url.rstrip('/')}/status", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def converge(url: str, version: str, spec: WatchSpec, log: Callable[[str], None] = print):
+    """None once every worker serves `version`; else, after `spec.converge_s`, the reason."""
+    deadline = time.monotonic() + spec.converge_s
+    seen = "no answer from /status"
+    while True:
+        try:
+            st = workers(url)
+            live = [w for w in st["workers"] if w.get("alive", True)]
+            on = [w for w in live if w.get("version") == version]
+            if len(on) == len(live) >= st["expected_workers"]:
+                log(f"rollout of v{version}: all {len(on)} workers serve it")
+                return None
+            seen = (
+                ", ".join(
+                    f"worker {w['worker']} on v{w.get('version')} "
+                    f"({(w.get('last_outcome') or {}).get('outcome', 'no reload yet')})"
+                    for w in live
+                )
+                + f"; {len(live)} of {st['expected_workers']} workers alive"
+            )
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            seen = f"/status unreadable: {exc}"
+        if time.monotonic() >= deadline:
+            return (
+                f"rollout failed: not every worker serves v{version} "
+                f"after {spec.converge_s:g} s ({seen})"
+            )
+        time.sleep(min(spec.poll_s, 1.0))
+
+
+def watch_and_rollback(
+    registry: Registry,
+    url: str,
+    version: str,
+    previous: str | None,
+    spec: WatchSpec,
+    by: str,
+    move_id: str,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Watch `version` on the server at `url`; roll back to `previous` on a breach, but
+    only while `Production` still holds `version`. What happened, as a dict."""
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        log(f"no agent server answering at {url} ({exc}): nothing to watch")
+        return {"watched": False, "reason": f"no agent server at {url}", "rolled_back_to": None}
+    reason = converge(url, version, spec, log)
+    if reason is None:
+        result = watch(url, version, previous, spec, log)
+        out = {"watched": True, **result.to_dict()}
+        reason = result.reason if result.breached else None
+    else:
+        out = {"watched": True, "version": version, "previous": previous, "reason": reason}
+    out |= {"breached": reason is not None, "rolled_back_to": None}
+    if reason is None:
+        return out
+    if not previous:
+        out["reason"] = f"{reason}; no earlier version to roll back to"
+        return out
+    try:
+        record = registry.rollback(
+            f"automatic rollback of v{version}: {reason}",
+            to=previous,
+            by=by,
+            expected=version,
+            move_id=move_id,
+        )
+    except AliasMoved as exc:
+        out["reason"] = f"{reason}; not rolled back: {exc}"
+        log(out["reason"])
+        return out
+    out["rolled_back_to"] = record["to"]
+    log(f"rolled back v{version} -> v{previous}: {reason}")
+    return out

@@ -73,6 +73,13 @@ class AgentModel:
         self.config = config
         self.canary = canary
         self.metrics = metrics
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> AgentModel:
+        """Score on `device` from now on (bf16 autocast on GPUs that support it)."""
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        return self
 
     @property
     def bots(self) -> list[str]:
@@ -83,10 +90,18 @@ class AgentModel:
         self, rows: list[tuple[str, str, object, object]], batch_size: int = 512
     ) -> np.ndarray:
         """Expected reward of each (bot, data_type, input, action) row: one batched pass."""
+        return self._score([self.featurizer.tokens(*r) for r in rows], batch_size)
+
+    @torch.inference_mode()
+    def _score(self, seqs: list, batch_size: int = 512) -> np.ndarray:
         out = []
-        for i in range(0, len(rows), batch_size):
-            x = to_tensors(self.featurizer.encode(rows[i : i + batch_size]))
-            out.append(self.net(*x).float().numpy())
+        cuda = self.device.type == "cuda"
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+        for i in range(0, len(seqs), batch_size):
+            enc = self.featurizer.pad(seqs[i : i + batch_size])
+            x = [t.to(self.device) for t in to_tensors(enc)]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                out.append(self.net(*x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def rank_many(
@@ -96,17 +111,23 @@ class AgentModel:
     ) -> list[list[Ranked]]:
         """For each (bot, input, candidates or None for the bank): candidates, best first.
 
-        All candidates of all requests are scored in one batched forward pass.
+        All candidates of all requests are scored in one batched forward pass; each
+        request's context is featurized once, each distinct action once.
         """
-        rows, spans = [], []
+        fz = self.featurizer
+        seqs, spans, acts = [], [], {}
         for i, (bot, x, candidates) in enumerate(requests):
             cands = candidates if candidates else self.bank.get(bot, [])
             dt = (data_types[i] if data_types else None) or self.default_data_type.get(
                 bot, "market_data"
             )
-            spans.append((len(rows), len(rows) + len(cands), cands))
-            rows.extend((bot, dt, x, a) for a in cands)
-        scores = self.score(rows)
+            ctx = fz.context_tokens(bot, dt, x)
+            spans.append((len(seqs), len(seqs) + len(cands), cands))
+            for a in cands:
+                if id(a) not in acts:
+                    acts[id(a)] = fz.action_tokens(a)
+                seqs.append(fz.join(ctx, acts[id(a)]))
+        scores = self._score(seqs)
         ranked = []
         for lo, hi, cands in spans:
             order = np.argsort(-scores[lo:hi], kind="stable")

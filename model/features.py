@@ -20,6 +20,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -27,6 +28,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 PAD, UNK, CLS, SEP, UNK_PATH = 0, 1, 2, 3, 4
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[UNK_PATH]"]
 MAX_WORDS_PER_LEAF = 12
+MAX_LEAF_CHARS = 1024  # a leaf's text is cut here before tokenizing (12 words fit)
+CACHED_TEXT_CHARS = 128  # word-id cache: texts up to this long ...
+CACHE_ENTRIES = 50_000  # ... and this many of them (a few MB at most)
 Z_CLIP = 6.0
 
 
@@ -47,8 +51,18 @@ def leaves(doc, prefix: str) -> Iterator[tuple[str, object]]:
         yield prefix, doc
 
 
+def _is_numeric(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _is_number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    """A number the network can take: finite and within float range."""
+    if not _is_numeric(v):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _text(v) -> str:
@@ -110,7 +124,7 @@ class Featurizer:
                 path_counts[path] += 1
                 if _is_number(v):
                     values.setdefault(path, []).append(float(v))
-                else:
+                elif not _is_numeric(v):  # a number out of range is missing, not text
                     texts.append(_text(v))
         kept = sorted(p for p, c in path_counts.items() if c >= min_count)
         paths = {p: len(SPECIALS) + i for i, p in enumerate(kept)}
@@ -137,6 +151,7 @@ class Featurizer:
 
     # -- encoding --
     def _word_ids(self, text: str) -> list[int]:
+        text = text[:MAX_LEAF_CHARS]  # only the first words are kept: tokenize no more
         ids = self._word_cache.get(text)
         if ids is None:
             unk = self.words.token_to_id("[UNK]")
@@ -144,7 +159,8 @@ class Featurizer:
                 UNK if i == unk else self.word_offset + i
                 for i in self.words.encode(text).ids[:MAX_WORDS_PER_LEAF]
             ]
-            if len(self._word_cache) < 100_000:
+            # bounded in bytes: short texts only, and a fixed number of them
+            if len(text) <= CACHED_TEXT_CHARS and len(self._word_cache) < CACHE_ENTRIES:
                 self._word_cache[text] = ids
         return ids
 
@@ -154,25 +170,48 @@ class Featurizer:
             mean, std = self.num_stats.get(path, (0.0, 1.0))
             z = max(-Z_CLIP, min(Z_CLIP, (float(v) - mean) / std))
             out.append((pid, z, 1.0, seg))
+        elif _is_numeric(v):  # NaN, infinite or out of range: the value is missing
+            out.append((pid, 0.0, 0.0, seg))
         else:
             out.append((pid, 0.0, 0.0, seg))
             out.extend((w, 0.0, 0.0, seg) for w in self._word_ids(_text(v)))
 
+    def context_tokens(self, bot: str, data_type: str, x) -> list[tuple[int, float, float, int]]:
+        """[CLS] and the meta and input leaves, cut at `max_len` as they are made: a huge
+        input costs no more than the tokens that can be kept."""
+        meta = {"bot": bot, "data_type": data_type}
+        x = x if isinstance(x, dict) else {"_raw": _text(x)}
+        ctx: list = [(CLS, 0.0, 0.0, 0)]
+        for path, v in chain(leaves(meta, "meta"), leaves(x, "in")):
+            if len(ctx) >= self.max_len:
+                break
+            self._leaf_tokens(path, v, 0, ctx)
+        return ctx[: self.max_len]
+
+    def action_tokens(self, action) -> list[tuple[int, float, float, int]]:
+        """[SEP] and the action leaves (at most half the sequence)."""
+        action = action if isinstance(action, dict) else {"_raw": _text(action)}
+        act: list = [(SEP, 0.0, 0.0, 1)]
+        for path, v in leaves(action, "act"):
+            if len(act) >= self.max_len // 2:
+                break
+            self._leaf_tokens(path, v, 1, act)
+        return act[: self.max_len // 2]
+
+    def join(self, ctx: list, act: list) -> list[tuple[int, float, float, int]]:
+        """One sequence: the context, cut to leave room for the whole action part."""
+        return ctx[: self.max_len - len(act)] + act
+
     def tokens(self, bot: str, data_type: str, x, action) -> list[tuple[int, float, float, int]]:
         """(id, value, is_num, segment) per token; the action part is never truncated."""
-        ctx_leaves, act_leaves = _pair_leaves(bot, data_type, x, action)
-        act: list = [(SEP, 0.0, 0.0, 1)]
-        for path, v in act_leaves:
-            self._leaf_tokens(path, v, 1, act)
-        ctx: list = [(CLS, 0.0, 0.0, 0)]
-        for path, v in ctx_leaves:
-            self._leaf_tokens(path, v, 0, ctx)
-        act = act[: self.max_len // 2]
-        return ctx[: self.max_len - len(act)] + act
+        return self.join(self.context_tokens(bot, data_type, x), self.action_tokens(action))
 
     def encode(self, rows: Iterable[tuple[str, str, object, object]]) -> Encoded:
         """Encode (bot, data_type, input, action) rows into padded arrays."""
-        seqs = [self.tokens(*r) for r in rows]
+        return self.pad([self.tokens(*r) for r in rows])
+
+    def pad(self, seqs: list[list[tuple[int, float, float, int]]]) -> Encoded:
+        """Token sequences into padded arrays."""
         n, length = len(seqs), self.max_len
         ids = np.zeros((n, length), np.int64)
         nums = np.zeros((n, length), np.float32)

@@ -32,6 +32,7 @@ from model import artifact
 from model.evaluation import evaluate, synthetic_world
 from model.module import RewardRegressor, SnapshotDataModule, TrainConfig
 from model.network import ModelConfig
+from model.result import TrainResult
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +120,7 @@ def _threads(args: argparse.Namespace) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local))
 
 
-def run(args: argparse.Namespace) -> dict | None:
+def run(args: argparse.Namespace) -> TrainResult | None:
     cfg = train_config(args)
     torch.set_num_threads(_threads(args))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> dict | None:
     return _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds)
 
 
-def _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds) -> dict:
+def _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds) -> TrainResult:
     """Rank 0: evaluate on the holdout and write the artifact and result."""
     bank = artifact.action_bank(data.train_df)
     default_dt = artifact.default_data_types(data.train_df)
@@ -192,13 +193,8 @@ def _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds) -> dict:
     path = artifact.save(
         args.out / "artifact", net, data.featurizer, bank, default_dt, config, canary, metrics
     )
-    result = {
-        "artifact": str(path),
-        "runs": str(args.out / "runs"),
-        "metrics": metrics,
-        "config": config,
-    }
-    (args.out / "result.json").write_text(json.dumps(result, indent=2))
+    result = TrainResult(path, args.out / "runs", metrics, config)
+    result.write(args.out)
     return result
 
 
@@ -210,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
     if result is not None:
-        m = result["metrics"]
+        m = result.metrics
         keys = [
             "rmse",
             "auc",

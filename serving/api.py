@@ -12,58 +12,36 @@ batch-mates.
 annotation to FastAPI, which needs the class itself, not its name.)
 """
 
+import hmac
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
 
-import httpx
 import litserve as ls
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from core.registry import Registry
+from core.settings import ALIAS, Settings
 from serving import metrics
 from serving.knowledge import KnowledgeBase
+from serving.requests import PredictRequest
+from serving.status import STATUS_DIR_ENV, worker_status
 from serving.watcher import Watcher
-from valifi.settings import Settings
 
 log = logging.getLogger("valifi.serving")
-MAX_CANDIDATES = 64
 
 
-class PredictRequest(BaseModel):
-    """The request the orchestrator sends."""
+def _share_cores(serve) -> int:
+    """Torch threads for this worker: every worker's torch on every core oversubscribes
+    the machine (measured: ~3x slower on 2 cores with 2 workers)."""
+    import torch
 
-    model_config = ConfigDict(extra="forbid")
-
-    task: str = Field(min_length=1, max_length=4000)
-    agent_type: str = Field("auto", min_length=1, max_length=100)
-    query_type: Literal["auto", "info", "execute"] = "auto"
-    context: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("task")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("task must not be blank")
-        return v.strip()
-
-    @field_validator("context")
-    @classmethod
-    def _candidates(cls, v: dict) -> dict:
-        c = v.get("candidates")
-        if c is not None and (
-            not isinstance(c, list)
-            or not c
-            or len(c) > MAX_CANDIDATES
-            or not all(isinstance(a, dict) and a for a in c)
-        ):
-            raise ValueError(
-                f"context.candidates must be a list of 1 to {MAX_CANDIDATES} non-empty JSON objects"
-            )
-        return v
+    n = serve.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, serve.workers))
+    torch.set_num_threads(n)
+    return n
 
 
 def _error(status: int, message: str, served=None) -> JSONResponse:
@@ -86,43 +64,28 @@ def _describe(action: dict) -> str:
 
 class AgentAPI(ls.LitAPI):
     def setup(self, device):
+        # Registry calls from a worker fail fast: the watcher retries on its next poll.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.settings = Settings()
+        self.device = device
+        _share_cores(self.settings.serve)
         self.kb = KnowledgeBase.load()
         self.name = self.settings.model_name
         self.started = float(os.environ.get("VALIFI_SERVER_STARTED_AT", time.time()))
         self.worker = str(os.getpid())
-        self.http = httpx.Client(base_url=self.settings.mlflow_tracking_uri, timeout=5.0)
+        registry = Registry(self.settings.mlflow_tracking_uri, self.name)
+        status_dir = os.environ.get(STATUS_DIR_ENV)
         self.watcher = Watcher(
-            self._resolve,
-            self._fetch,
-            self.settings.data_dir / "serving-cache" / self.name,
-            self.settings.poll_interval_s,
+            registry.champion,
+            lambda version: registry.download(version, self.settings.serving_cache),
+            self.settings.serve.poll_interval_s,
             self._on_reload,
+            Path(status_dir) / f"{self.worker}.json" if status_dir else None,
+            device=device,
         )
         self.watcher.sync_once()  # serve the current Production from the first request
         self.watcher.start()
-
-    # -- registry access (plain REST: quick to time out, no long client retries) --
-    def _resolve(self) -> str | None:
-        r = self.http.get(
-            "/api/2.0/mlflow/registered-models/alias",
-            params={"name": self.name, "alias": "Production"},
-        )
-        if r.status_code in (400, 404):
-            code = (
-                r.json().get("error_code") if "json" in r.headers.get("content-type", "") else None
-            )
-            if code == "RESOURCE_DOES_NOT_EXIST" or (
-                code == "INVALID_PARAMETER_VALUE" and "alias" in r.text and "not found" in r.text
-            ):
-                return None  # no such model, or no version holds the alias yet
-        r.raise_for_status()
-        return str(r.json()["model_version"]["version"])
-
-    def _fetch(self, version: str, dst: Path) -> Path:
-        from flows.registry import download
-
-        return download(self.settings.mlflow_tracking_uri, version, dst, self.name)
 
     def _on_reload(self, outcome: str, version: str) -> None:
         metrics.RELOADS.labels(outcome, version).inc()
@@ -305,7 +268,7 @@ class AgentAPI(ls.LitAPI):
         uptime = time.time() - self.started
         status = {
             "model": self.name,
-            "alias": "Production",
+            "alias": ALIAS,
             "version": served.version if served else None,
             "loaded_at": served.loaded_at if served else None,
             "uptime_s": round(uptime, 1),
@@ -315,35 +278,18 @@ class AgentAPI(ls.LitAPI):
             "reload_failures": st.failures,
             "registry_reachable": st.registry_reachable,
             "registry_error": st.registry_error,
-            "metrics": (
-                {
-                    k: v
-                    for k, v in served.model.metrics.items()
-                    if k
-                    in (
-                        "auc",
-                        "rmse",
-                        "mae",
-                        "replay_value",
-                        "rows",
-                        "true_value_policy",
-                        "gap_closed",
-                    )
-                }
-                if served
-                else {}
-            ),
+            "metrics": _shown_metrics(served.model.metrics) if served else {},
             "worker": self.worker,
         }
         if served:
             m = status["metrics"]
             model = (
-                f"Serving {self.name} v{served.version} (alias Production), loaded at "
-                f"{served.loaded_at}; holdout AUC {m.get('auc', float('nan')):.3f}, "
-                f"RMSE {m.get('rmse', float('nan')):.3f}."
+                f"Serving {self.name} v{served.version} (alias {ALIAS}), loaded at "
+                f"{served.loaded_at}; holdout AUC {_figure(m.get('auc'))}, "
+                f"RMSE {_figure(m.get('rmse'))}."
             )
         else:
-            model = f"No {self.name} model is serving yet (none promoted to Production)."
+            model = f"No {self.name} model is serving yet (none promoted to {ALIAS})."
         reload = (
             f" Last reload: v{st.last_outcome['version']} {st.last_outcome['outcome']}"
             f" at {st.last_outcome['at']}."
@@ -364,10 +310,39 @@ class AgentAPI(ls.LitAPI):
         return answer, status
 
 
+SHOWN_METRICS = ("auc", "rmse", "mae", "replay_value", "rows", "true_value_policy", "gap_closed")
+
+
+def _shown_metrics(metrics: dict) -> dict:
+    """The serving version's metrics for the status answer; NaN (say, no replay match)
+    becomes null, since JSON has no NaN."""
+    out = {}
+    for k in SHOWN_METRICS:
+        v = metrics.get(k)
+        if k in metrics:
+            out[k] = v if not isinstance(v, float) or math.isfinite(v) else None
+    return out
+
+
+def _figure(v) -> str:
+    return f"{v:.3f}" if isinstance(v, int | float) else "n/a"
+
+
+async def _validation_error(request, exc) -> JSONResponse:
+    """422 with each problem's place and message; never echoes the input back (it may
+    hold what cannot be encoded, such as a lone surrogate)."""
+    problems = [
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+        for e in exc.errors()
+    ]
+    message = "; ".join(problems).encode("utf-8", "backslashreplace").decode("utf-8")
+    return _error(422, f"invalid request: {message}"[:2000])
+
+
 class ApiKeyMiddleware:
     """Optional API key (header X-API-Key) on everything but the probes."""
 
-    OPEN = ("/health", "/metrics")
+    OPEN = ("/health", "/metrics", "/status")
 
     def __init__(self, app, key: str):
         self.app = app
@@ -376,7 +351,8 @@ class ApiKeyMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in self.OPEN:
             headers = dict(scope.get("headers") or [])
-            if headers.get(b"x-api-key", b"").decode() != self.key:
+            # bytes against bytes, in constant time: no decoding of what a client sent
+            if not hmac.compare_digest(headers.get(b"x-api-key", b""), self.key.encode()):
                 response = JSONResponse(
                     status_code=401,
                     content={
@@ -390,19 +366,28 @@ class ApiKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
+def _one_served_version(settings: Settings) -> str | None:
+    """The version every live worker serves, if they agree (labels unattributed 5xx)."""
+    versions = {w["version"] for w in worker_status(settings)["workers"] if w["alive"]}
+    return versions.pop() if len(versions) == 1 else None
+
+
 def build_server(settings: Settings) -> ls.LitServer:
-    api = AgentAPI(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout_s)
-    middlewares = [(metrics.PredictMetricsMiddleware, {})]
-    if settings.api_key:
-        middlewares.append((ApiKeyMiddleware, {"key": settings.api_key}))
+    serve = settings.serve
+    api = AgentAPI(max_batch_size=serve.max_batch_size, batch_timeout=serve.batch_timeout_s)
+    middlewares = [
+        (metrics.PredictMetricsMiddleware, {"fallback": lambda: _one_served_version(settings)})
+    ]
+    if serve.api_key:
+        middlewares.append((ApiKeyMiddleware, {"key": serve.api_key}))
     server = ls.LitServer(
         api,
-        accelerator="cpu",
-        workers_per_device=settings.serve_workers,
-        timeout=settings.request_timeout_s,
-        max_payload_size=settings.max_payload_bytes,
+        accelerator="auto",  # a GPU when there is one
+        workers_per_device=serve.workers,
+        timeout=serve.request_timeout_s,
+        max_payload_size=serve.max_payload_bytes,
         middlewares=middlewares,
-        model_metadata={"model": settings.model_name, "alias": "Production"},
+        model_metadata={"model": settings.model_name, "alias": ALIAS},
     )
 
     async def prometheus():
@@ -411,22 +396,33 @@ def build_server(settings: Settings) -> ls.LitServer:
         body, content_type = metrics.render()
         return Response(content=body, media_type=content_type)
 
+    async def status():
+        return worker_status(settings)
+
+    from fastapi.exceptions import RequestValidationError
+
+    server.app.add_exception_handler(RequestValidationError, _validation_error)
     server.app.add_api_route("/metrics", prometheus, methods=["GET"])
+    server.app.add_api_route("/status", status, methods=["GET"])
     return server
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
-    """Run the server (blocks). Sets up the shared metrics folder first."""
+    """Run the server (blocks). `valifi serve` sets up the shared folders first."""
     os.environ.setdefault("VALIFI_SERVER_STARTED_AT", str(time.time()))
     server = build_server(settings)
     log.info(
-        "serving %s@Production on http://%s:%d (%d workers, batch %d)",
+        "serving %s@%s on http://%s:%d (%d workers, batch %d)",
         settings.model_name,
+        ALIAS,
         host,
         port,
-        settings.serve_workers,
-        settings.max_batch_size,
+        settings.serve.workers,
+        settings.serve.max_batch_size,
     )
     server.run(
-        host=host, port=port, generate_client_file=False, num_api_servers=settings.serve_api_servers
+        host=host,
+        port=port,
+        generate_client_file=False,
+        num_api_servers=settings.serve.api_servers,
     )

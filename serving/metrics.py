@@ -81,9 +81,12 @@ def requests_served() -> int:
 class PredictMetricsMiddleware:
     """ASGI middleware: times POST /predict and labels it from the JSON it answers."""
 
-    def __init__(self, app, path: str = "/predict"):
+    def __init__(self, app, path: str = "/predict", fallback=None):
         self.app = app
         self.path = path
+        # For a 5xx no worker labelled (a framework error, a timeout): the version the
+        # workers serve, so that the watch counts it against that version.
+        self.fallback = fallback or (lambda: None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != self.path:
@@ -103,6 +106,8 @@ class PredictMetricsMiddleware:
             await self.app(scope, receive, capture)
         finally:
             kind, version = _labels(bytes(body), status["code"])
+            if version == "none" and status["code"] >= 500:
+                version = str(self.fallback() or "none")
             HTTP_REQUESTS.labels(kind, version, str(status["code"])).inc()
             HTTP_LATENCY.labels(kind, version).observe(time.perf_counter() - started)
 

@@ -1,30 +1,35 @@
 """Follow `models:/valifi-agent@Production` and hot-swap the served model.
 
 Each inference worker runs one watcher thread. Every poll it asks the registry
-where the alias points; when it moved, it downloads that version (cached per
-version, shared by the workers), loads it beside the serving one, checks the
-canary set, and only then swaps one reference. A batch reads the reference once,
-so requests in flight finish on the model they started with.
+where the alias points; when it moved, it downloads that version (cached by
+version and run id, shared by the workers), loads it beside the serving one,
+checks the canary set, and only then swaps one reference. A batch reads the
+reference once, so requests in flight finish on the model they started with.
 
-A version that fails to download, load or verify is never served: the worker
-keeps what it has, counts and reports the failure, and tries again only when the
-alias moves again. While the registry is unreachable the worker keeps serving and
-says so; it catches up when the registry returns.
+Two kinds of failure are told apart. A transient one (the registry or the
+network failed, a download broke off) is tried again on the next polls, with
+backoff. A verified-bad artifact (unreadable weights, canary mismatch) is never
+served: the worker keeps what it has, reports it, and tries again only when the
+alias moves. While the registry is unreachable the worker keeps serving and says
+so; it catches up when the registry returns.
+
+After every poll the worker writes its status (`status_file`) for the server's
+GET /status: which version it serves and how its last reload went.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from core.registry import Version
 from model.artifact import AgentModel, load
 
 log = logging.getLogger("valifi.serving")
@@ -35,6 +40,7 @@ class Served:
     """What one worker serves: swapped as a whole, never mutated."""
 
     version: str
+    run_id: str | None
     model: AgentModel
     loaded_at: str
 
@@ -48,6 +54,7 @@ class ReloadStatus:
     reloads: int = 0
     failures: int = 0
     alias_version: str | None = None
+    behind_since: float | None = None  # when the alias first pointed elsewhere (epoch s)
     history: list[dict] = field(default_factory=list)
 
 
@@ -56,33 +63,44 @@ def _now() -> str:
 
 
 class Watcher:
-    """Polls the alias through `resolve()` and loads versions through `fetch()`.
+    """Polls the alias through `resolve()` and fetches versions through `fetch()`.
 
-    `resolve() -> version or None` raises when the registry cannot be reached;
-    `fetch(version, dst) -> artifact folder` downloads a version.
+    `resolve() -> Version or None` raises when the registry cannot be reached;
+    `fetch(version) -> artifact folder` downloads a version (raises on any
+    transport failure).
     """
 
     def __init__(
         self,
-        resolve: Callable[[], str | None],
-        fetch: Callable[[str, Path], Path],
-        cache_dir: Path,
+        resolve: Callable[[], Version | None],
+        fetch: Callable[[Version], Path],
         poll_s: float = 10.0,
         on_reload: Callable[[str, str], None] | None = None,
+        status_file: Path | None = None,
+        device: str = "cpu",
     ):
         self.resolve = resolve
         self.fetch = fetch
-        self.cache_dir = Path(cache_dir)
         self.poll_s = poll_s
         self.on_reload = on_reload or (lambda outcome, version: None)
+        self.status_file = status_file
+        self.device = device
         self.served: Served | None = None
         self.status = ReloadStatus()
-        self._refused: str | None = None  # version that failed, until the alias moves
+        self._refused: Version | None = None  # verified bad, until the alias moves
+        self._retry_at = 0.0  # after a transient failure: not before this (monotonic)
+        self._backoff = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- one poll --
     def sync_once(self) -> None:
+        try:
+            self._sync()
+        finally:
+            self.write_status()
+
+    def _sync(self) -> None:
         self.status.last_checked = _now()
         try:
             target = self.resolve()
@@ -95,70 +113,77 @@ class Watcher:
         if self.status.registry_reachable is False:
             log.info("registry reachable again")
         self.status.registry_reachable, self.status.registry_error = True, None
-        self.status.alias_version = target
-        if target is None:
+        self.status.alias_version = target.version if target else None
+        if target is None or target == self._serving():
+            self.status.behind_since = None
             return
-        current = self.served.version if self.served else None
+        self.status.behind_since = self.status.behind_since or time.time()
         if target != self._refused:
             self._refused = None
-        if target == current or target == self._refused:
+        if target == self._refused or time.monotonic() < self._retry_at:
             return
         self._load(target)
 
-    def _load(self, version: str) -> None:
+    def _serving(self) -> Version | None:
+        s = self.served
+        return None if s is None else Version(s.version, s.run_id, "")
+
+    def _load(self, target: Version) -> None:
         started = time.monotonic()
         try:
-            model = load(self._cached(version), verify=True)
-        except Exception as exc:
-            self._refused = version
-            self.status.failures += 1
-            self._record(version, "failed", f"{type(exc).__name__}: {exc}"[:500])
-            shutil.rmtree(self.cache_dir / version, ignore_errors=True)
-            log.error(
-                "refused version %s, still serving %s: %s",
-                version,
-                self.served.version if self.served else "nothing",
-                exc,
-            )
-            self.on_reload("failure", version)
+            folder = self.fetch(target)
+        except Exception as exc:  # transient: the registry or the network
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, 8 * self.poll_s)
+            self._fail(target, "retrying", f"download failed: {type(exc).__name__}: {exc}")
             return
+        try:
+            model = load(folder, verify=True).to(self.device)  # verified on the CPU first
+        except Exception as exc:  # verified bad: refused until the alias moves
+            self._refused = target
+            self._fail(target, "failed", f"{type(exc).__name__}: {exc}")
+            return
+        self._retry_at, self._backoff = 0.0, self.poll_s
+        self.status.behind_since = None
         previous = self.served.version if self.served else None
-        self.served = Served(version, model, _now())  # the swap: one reference
+        self.served = Served(target.version, target.run_id, model, _now())  # the swap
         self.status.reloads += 1
         took = time.monotonic() - started
-        self._record(
-            version,
-            "loaded",
-            f"from v{previous}" if previous else "first model",
-            seconds=round(took, 3),
-        )
-        log.info("now serving version %s (was %s, loaded in %.2f s)", version, previous, took)
-        self.on_reload("success", version)
+        reason = f"from v{previous}" if previous else "first model"
+        self._record(target.version, "loaded", reason, seconds=round(took, 3))
+        log.info("now serving version %s (was %s, in %.2f s)", target.version, previous, took)
+        self.on_reload("success", target.version)
+
+    def _fail(self, target: Version, outcome: str, reason: str) -> None:
+        self.status.failures += 1
+        self._record(target.version, outcome, reason[:500])
+        serving = self.served.version if self.served else "nothing"
+        log.error("version %s %s, still serving %s: %s", target.version, outcome, serving, reason)
+        self.on_reload("failure", target.version)
 
     def _record(self, version: str, outcome: str, reason: str, **extra) -> None:
         entry = {"version": version, "outcome": outcome, "at": _now(), "reason": reason, **extra}
         self.status.last_outcome = entry
         self.status.history = [*self.status.history[-9:], entry]
 
-    def _cached(self, version: str) -> Path:
-        """The version's artifact folder, downloaded once and shared by all workers."""
-        final = self.cache_dir / version
-        if (final / "agent").is_dir():
-            return final / "agent"
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.cache_dir))
+    def write_status(self) -> None:
+        """This worker's status, atomically, for GET /status (no-op without a file)."""
+        if self.status_file is None:
+            return
+        s = self.served
+        doc = {
+            "worker": os.getpid(),
+            "version": s.version if s else None,
+            "run_id": s.run_id if s else None,
+            "loaded_at": s.loaded_at if s else None,
+            "updated_at": time.time(),
+        } | {k: v for k, v in asdict(self.status).items() if k != "history"}
+        tmp = self.status_file.with_name(f".{self.status_file.name}.tmp")
         try:
-            agent = self.fetch(version, tmp / "download")
-            shutil.move(str(agent), tmp / "agent")
-            shutil.rmtree(tmp / "download", ignore_errors=True)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another worker got there first: use theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final / "agent"
+            tmp.write_text(json.dumps(doc, default=str))
+            os.replace(tmp, self.status_file)
+        except OSError as exc:  # status is a report: never let it stop serving
+            log.warning("could not write worker status: %s", exc)
 
     # -- the thread --
     def start(self) -> None:

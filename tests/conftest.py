@@ -51,8 +51,8 @@ def stack_env() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="session")
 def embedded_pg(stack_env) -> str:
     """URL of the stack's embedded PostgreSQL."""
+    from core.settings import Settings
     from valifi import stack
-    from valifi.settings import Settings
 
     return stack.start_embedded_pg(Settings(data_dir=stack_env["VALIFI_DATA_DIR"], _env_file=None))
 

@@ -144,13 +144,24 @@ def train_small(
 
 def register_small(uri: str, model: str, root: Path, seed: int, tamper=None) -> str:
     """Train a small model, optionally let `tamper(artifact_dir)` change it, register it."""
-    from flows import registry
+    from core.registry import Registry
+    from model.result import TrainResult
 
     snap, out = train_small(root, seed)
     if tamper is not None:
         tamper(out / "artifact")
     gate = {"passed": True, "reasons": ["test fixture"]}
-    return registry.log_and_register(uri, out, snap, gate, {"gate_decision": "pass"}, model).version
+    result = TrainResult.read(out)
+    lineage = {"gate_decision": "pass"}
+    key = f"test-{model}-{out}"
+    return Registry(uri, model).register(result, snap, gate, lineage, key).version
+
+
+def set_alias_by_hand(uri: str, model: str, version: str) -> None:
+    """Move Production as the MLflow UI does: no check, no audit record."""
+    from core.registry import Registry
+
+    Registry(uri, model).client.set_registered_model_alias(model, "Production", version)
 
 
 def start_server(port: int, env: dict) -> subprocess.Popen:

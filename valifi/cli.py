@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from valifi.settings import Settings
+from core.settings import Settings
 
 
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
@@ -54,15 +54,15 @@ def _seed_data(args: argparse.Namespace, settings: Settings) -> int:
         world=World(seed=args.seed, drift_at=drift),
         bad=bad,
         mode=mode,
-        table=settings.table,
-        bots_table=settings.bots_table,
+        table=settings.export.table,
+        bots_table=settings.export.bots_table,
         end=end,
     )
     if result.rows == 0:
-        print(f"{settings.table} already holds data; left as it is")
+        print(f"{settings.export.table} already holds data; left as it is")
         return 0
     print(
-        f"inserted {result.rows} rows into {settings.table} (layout {result.layout}); "
+        f"inserted {result.rows} rows into {settings.export.table} (layout {result.layout}); "
         f"bots: {', '.join(result.bots)}"
     )
     return 0
@@ -70,10 +70,10 @@ def _seed_data(args: argparse.Namespace, settings: Settings) -> int:
 
 def _export(args: argparse.Namespace, settings: Settings) -> int:
     from flows.export import InsufficientData, Manifest, export_snapshot
-    from flows.pipeline import export_spec
     from valifi import stack
 
-    spec = export_spec(settings, args.days, args.limit, args.min_rows)
+    given = {"days": args.days, "limit": args.limit, "min_rows": args.min_rows}
+    spec = settings.export.model_copy(update={k: v for k, v in given.items() if v is not None})
     try:
         snap = export_snapshot(
             stack.database_url(settings), spec, args.out or settings.snapshots_dir
@@ -87,10 +87,10 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _validate(args: argparse.Namespace, settings: Settings) -> int:
-    from flows.pipeline import validation_spec
     from flows.validate import validate_snapshot
 
-    result = validate_snapshot(args.snapshot, validation_spec(settings, args.min_rows))
+    min_rows = settings.export.min_rows if args.min_rows is None else args.min_rows
+    result = validate_snapshot(args.snapshot, settings.validation, min_rows)
     if result.success:
         print(f"validation passed: {result.evaluated} expectations")
     else:
@@ -100,6 +100,10 @@ def _validate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from valifi import stack
+
+    # The flow reads the database from settings; the embedded one is started here.
+    os.environ["DATABASE_URL"] = stack.database_url(settings)
     from flows.pipeline import train
 
     extra = [a for a in (args.train_args or []) if a != "--"]
@@ -118,21 +122,26 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
-    from flows import registry
-
-    record = registry.promote(
-        settings.mlflow_tracking_uri, args.version, args.reason, name=settings.model_name
-    )
+    record = _registry(settings).promote(args.version, args.reason, **_expect(args))
     print(f"Production: v{record['from']} -> v{record['to']} ({record['why']}, by {record['by']})")
     return 0
 
 
-def _rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from flows import registry
+def _registry(settings: Settings):
+    from core.registry import Registry
 
-    record = registry.rollback(
-        settings.mlflow_tracking_uri, args.reason, args.to, name=settings.model_name
-    )
+    return Registry(settings.mlflow_tracking_uri, settings.model_name)
+
+
+def _expect(args: argparse.Namespace) -> dict:
+    """`--expect V` (or `none`): the version Production must hold for the move to happen."""
+    if args.expect is None:
+        return {}
+    return {"expected": None if args.expect.lower() == "none" else args.expect}
+
+
+def _rollback(args: argparse.Namespace, settings: Settings) -> int:
+    record = _registry(settings).rollback(args.reason, args.to, **_expect(args))
     print(
         f"Production rolled back: v{record['from']} -> v{record['to']} ({record['why']}, "
         f"by {record['by']})"
@@ -145,26 +154,32 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
     port = args.port or settings.local_port(settings.python_agent_url) or 8000
-    if args.workers:
-        settings.serve_workers = args.workers
-    # Every process of the server writes its metrics here; /metrics adds them up.
-    prom = settings.data_dir / "serving-metrics" / str(port)
-    shutil.rmtree(prom, ignore_errors=True)
-    prom.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    if args.workers:  # the worker processes read settings from the environment
+        os.environ["VALIFI_SERVE_WORKERS"] = str(args.workers)
+        settings.serve.workers = args.workers
+    # Every process of the server writes its metrics and status here; /metrics and
+    # /status add them up.
+    from serving.status import STATUS_DIR_ENV
+
+    for kind, var in (("metrics", "PROMETHEUS_MULTIPROC_DIR"), ("status", STATUS_DIR_ENV)):
+        folder = settings.data_dir / f"serving-{kind}" / str(port)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        os.environ[var] = str(folder)
     os.environ["VALIFI_SERVER_STARTED_AT"] = str(time.time())
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from serving.api import serve
+    from valifi.supervise import supervise
 
-    serve(settings, args.host or settings.serve_host, port)
-    return 0
+    host = args.host or settings.serve.host
+    cmd = [sys.executable, "-m", "serving", host, str(port)]
+    return supervise(cmd, dict(os.environ), Path(os.environ[STATUS_DIR_ENV]))
 
 
 def _health(args: argparse.Namespace, settings: Settings) -> int:
     import httpx
 
     url = (args.url or settings.python_agent_url).rstrip("/")
-    headers = {"X-API-Key": settings.api_key} if settings.api_key else {}
+    headers = {"X-API-Key": settings.serve.api_key} if settings.serve.api_key else {}
     try:
         r = httpx.post(
             f"{url}/predict",
@@ -184,6 +199,14 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
     if args.require_model and not status.get("version"):
         print("unhealthy: no model is serving", file=sys.stderr)
         return 1
+    try:
+        workers = httpx.get(f"{url}/status", headers=headers, timeout=args.timeout).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"unhealthy: {url}/status did not answer: {exc}", file=sys.stderr)
+        return 1
+    if workers.get("state") != "ok":
+        print("unhealthy: degraded: " + "; ".join(workers.get("problems", [])), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -197,9 +220,11 @@ def _deploy(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from valifi import stack
     from valifi.deploy import ROOT, worker_command
 
     cmd, env = worker_command(settings)
+    env["DATABASE_URL"] = stack.database_url(settings)  # the flows it runs read this
     os.chdir(ROOT)
     os.execvpe(cmd[0], cmd, env)  # the worker replaces this process
 
@@ -265,11 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("promote", help="move Production to a version (after a load check)")
     s.add_argument("version")
     s.add_argument("--reason", required=True)
+    s.add_argument("--expect", help="move only if Production holds this version (or 'none')")
     s.set_defaults(func=_promote)
 
     s = sub.add_parser("rollback", help="move Production back (to the previous one by default)")
-    s.add_argument("--to", help="version to roll back to")
+    s.add_argument(
+        "--to",
+        help="version to roll back to (default: the last one before the current that was "
+        "not itself rolled back from)",
+    )
     s.add_argument("--reason", required=True)
+    s.add_argument("--expect", help="move only if Production holds this version")
     s.set_defaults(func=_rollback)
 
     s = sub.add_parser("serve", help="run the agent server (POST /predict)")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from valifi.settings import Settings
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "valifi-process"

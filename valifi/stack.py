@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from valifi.settings import Settings
+from core.settings import Settings
 
 
 class StackError(RuntimeError):

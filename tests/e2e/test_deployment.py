@@ -65,9 +65,9 @@ def env(stack_env, external_pg, webhook):
         "VALIFI_NOTIFY_WEBHOOK_URL": webhook[0],
         "VALIFI_MODEL_NAME": MODEL,
         "VALIFI_TRAIN_MAX_EPOCHS": "8",
-        "VALIFI_SYNTHETIC_GROUND_TRUTH": "true",
+        "VALIFI_TRAIN_SYNTHETIC_GROUND_TRUTH": "true",
         "PYTHON_AGENT_URL": f"http://127.0.0.1:{port}",
-        "VALIFI_POLL_INTERVAL_S": "1",
+        "VALIFI_SERVE_POLL_INTERVAL_S": "1",
         "VALIFI_WATCH_WINDOW_S": "3",
         "VALIFI_WATCH_POLL_S": "1",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -157,7 +157,7 @@ def _wait_final(run_id: str, timeout: float = 900):
 
 
 def test_prefect_deployment_run_trains_registers_promotes_and_serves(env, worker, server):
-    from flows.registry import champion, client
+    from core.registry import Registry
 
     first = _run_deployment()
     second = _run_deployment()  # triggered while the first is pending or running
@@ -168,8 +168,7 @@ def test_prefect_deployment_run_trains_registers_promotes_and_serves(env, worker
     assert b.start_time >= a.end_time, (a.start_time, a.end_time, b.start_time)
     assert b.state.is_completed(), b.state.message
 
-    c = client(os.environ["MLFLOW_TRACKING_URI"])
-    prod = champion(c, MODEL).version
+    prod = Registry(os.environ["MLFLOW_TRACKING_URI"], MODEL).champion().version
     assert prod in ("1", "2")
     # the summary artifact of the first run
     arts = _client_call(lambda cl: cl.read_artifacts())
@@ -209,16 +208,16 @@ def _break_on_probe(artifact: Path) -> None:
 
 
 def test_a_version_failing_at_serving_time_is_rolled_back_with_the_reason(env, server, tmp_path):
+    from core.registry import Registry
     from flows.pipeline import watch_promotion
-    from flows.registry import audit, champion, client, promote
 
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    c = client(uri)
-    if champion(c, MODEL) is None:  # (when this test runs alone)
-        promote(uri, register_small(uri, MODEL, tmp_path, seed=8), "a good one", name=MODEL)
-    before = champion(c, MODEL).version
+    reg = Registry(uri, MODEL)
+    if reg.champion() is None:  # (when this test runs alone)
+        reg.promote(register_small(uri, MODEL, tmp_path, seed=8), "a good one")
+    before = reg.champion().version
     bad = register_small(uri, MODEL, tmp_path, seed=9, tamper=_break_on_probe)
-    promote(uri, bad, "a version that breaks on some inputs", name=MODEL)  # load check passes
+    reg.promote(bad, "a version that breaks on some inputs")  # load check passes
 
     stop = threading.Event()
     codes: list[tuple[int, str | None, bool]] = []
@@ -257,8 +256,8 @@ def test_a_version_failing_at_serving_time_is_rolled_back_with_the_reason(env, s
             t.join(30)
     assert state.name == "RolledBack", state.message
     assert f"v{bad} rolled back to v{before}" in state.message and "error rate" in state.message
-    assert champion(c, MODEL).version == before
-    last = audit(c, MODEL)[-1]
+    assert reg.champion().version == before
+    last = reg.audit()[-1]
     assert last["action"] == "rollback" and last["to"] == before and last["from"] == bad
     assert last["why"].startswith(f"automatic rollback of v{bad}: error rate")
     assert last["by"].startswith("prefect:")

@@ -131,7 +131,7 @@ def test_bad_rows_fail_the_right_expectations(fresh_db, external_pg, layout, tmp
 def test_clean_snapshot_passes_and_other_limits_are_enforced(seeded, tmp_path):
     snap = export_snapshot(seeded, ExportSpec(), tmp_path)
     assert validate_snapshot(snap).success
-    strict = validate_snapshot(snap, ValidationSpec(data_types=["market_data"], min_rows=5000))
+    strict = validate_snapshot(snap, ValidationSpec(data_types=["market_data"]), min_rows=5000)
     failed = {f.expectation for f in strict.failures}
     assert failed == {"expect_column_values_to_be_in_set", "expect_table_row_count_to_be_between"}
 

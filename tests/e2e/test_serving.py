@@ -21,7 +21,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port, register_small, start_server, stop_server, valifi
+from tests.helpers import (
+    free_port,
+    register_small,
+    set_alias_by_hand,
+    start_server,
+    stop_server,
+    valifi,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,9 +43,9 @@ def versions(stack_env, tmp_path_factory):
     v = [register_small(uri, MODEL, root, seed) for seed in (1, 2, 3)]
     assert v == ["1", "2", "3"]
     # v3: weights corrupted in the artifact store after registration
-    from flows.registry import client
+    from core.registry import Registry
 
-    source = client(uri).get_model_version(MODEL, "3").source
+    source = Registry(uri, MODEL).version("3").source
     store = Path(stack_env["VALIFI_DATA_DIR"]) / "mlflow" / "artifacts"
     weights = next(
         p for p in store.rglob("model.safetensors") if source.rsplit("/", 1)[-1] in str(p)
@@ -57,10 +64,10 @@ def server(versions):
     port = free_port()
     env = {
         "VALIFI_MODEL_NAME": MODEL,
-        "VALIFI_POLL_INTERVAL_S": str(POLL_S),
-        "VALIFI_MAX_BATCH_SIZE": "16",
-        "VALIFI_BATCH_TIMEOUT_S": "0.02",
-        "VALIFI_MAX_PAYLOAD_BYTES": "20000",
+        "VALIFI_SERVE_POLL_INTERVAL_S": str(POLL_S),
+        "VALIFI_SERVE_MAX_BATCH_SIZE": "16",
+        "VALIFI_SERVE_BATCH_TIMEOUT_S": "0.02",
+        "VALIFI_SERVE_MAX_PAYLOAD_BYTES": "20000",
     }
     proc = start_server(port, env)
     yield f"http://127.0.0.1:{port}"
@@ -103,13 +110,17 @@ def test_before_any_promotion_execute_is_503_and_info_works(server):
 
 
 def test_promotion_is_picked_up(server, versions):
-    from flows.registry import promote
+    from core.registry import Registry
 
-    promote(versions, "1", "first model for the server tests", name=MODEL)
+    Registry(versions, MODEL).promote("1", "first model for the server tests")
     deadline = time.monotonic() + 60
     while _worker_versions(server) != {1.0} or len(_metric(server, "valifi_serving_version")) < 2:
         assert time.monotonic() < deadline, "workers did not load v1"
         time.sleep(0.5)
+    status = httpx.get(f"{server}/status", timeout=10).json()
+    assert status["expected_workers"] == 2 and status["versions"] == ["1"]
+    assert len(status["workers"]) == 2 and all(w["alive"] for w in status["workers"])
+    assert {w["last_outcome"]["outcome"] for w in status["workers"]} == {"loaded"}
 
 
 def test_original_design_examples(server):
@@ -188,6 +199,21 @@ def test_candidates_from_context_are_ranked(server):
             "unknown agent 'no_such_bot'",
         ),
         (json.dumps({"task": "x" * 30000}).encode(), 413, ""),
+        # what standard JSON cannot hold, and contexts beyond the limits
+        (b'{"task": "\\ud800 buy?"}', 422, "unicode string"),
+        (b'{"task": "x", "context": {"note": "\\udfff"}}', 422, "lone surrogate"),
+        (b'{"task": "x", "context": {"\\ud800": 1}}', 422, "lone surrogate"),
+        (b'{"task": "x", "context": {"rsi": NaN}}', 422, "NaN and Infinity are not JSON"),
+        (b'{"task": "x", "context": {"candidates": [{"a": Infinity}]}}', 422, "not JSON"),
+        (b'{"task": "x", "context": {"p": 1e400}}', 422, "not JSON"),
+        (b'{"task": "x", "context": {"n": 1' + b"0" * 400 + b"}}", 422, "outside the float"),
+        (
+            b'{"task": "x", "context": {"d": ' + b'{"a": ' * 17 + b"1" + b"}" * 17 + b"}}",
+            422,
+            "nested deeper than 16",
+        ),
+        (b'{"task": "x", "context": {"v": [' + b"0," * 4000 + b"0]}}", 422, "more than 4000"),
+        (b'{"task": "x\xff\xfe"}', 400, "error parsing the body"),
     ],
 )
 def test_bad_requests_get_4xx_with_a_message(server, raw, status, text):
@@ -244,12 +270,12 @@ class Load:
 
 
 def _swap_and_wait(server, uri, version: str, action: str) -> float:
-    from flows.registry import promote, rollback
+    from core.registry import Registry
 
     if action == "promote":
-        promote(uri, version, "hot swap test", name=MODEL)
+        Registry(uri, MODEL).promote(version, "hot swap test")
     else:
-        rollback(uri, "rollback test", name=MODEL)
+        Registry(uri, MODEL).rollback("rollback test")
     moved = time.monotonic()
     while _worker_versions(server) != {float(version)}:
         assert time.monotonic() - moved < 30, f"workers still on {_worker_versions(server)}"
@@ -279,14 +305,12 @@ def test_promote_and_rollback_under_load_without_a_failed_request(server, versio
 
 
 def test_corrupt_version_is_refused_and_v1_keeps_serving(server, versions):
-    from flows.registry import client, move_alias
-
     failures_before = sum(
         v for lbl, v in _metric(server, "valifi_reloads_total") if lbl["outcome"] == "failure"
     )
     with Load(server, threads=4) as load:
         # as if moved by hand in the MLflow UI: no load check on this path
-        move_alias(client(versions), "3", "corrupt on purpose", "test", "promote", MODEL)
+        set_alias_by_hand(versions, MODEL, "3")
         deadline = time.monotonic() + 30
         while True:
             failed = sum(
@@ -310,7 +334,52 @@ def test_corrupt_version_is_refused_and_v1_keeps_serving(server, versions):
         v for lbl, v in _metric(server, "valifi_reloads_total") if lbl["outcome"] == "failure"
     )
     assert retried == failed  # no retries while the alias stayed on v3
-    move_alias(client(versions), "1", "back from the corrupt one", "test", "rollback", MODEL)
+    set_alias_by_hand(versions, MODEL, "1")
+
+
+def _settle_on(server, uri, version: str) -> None:
+    set_alias_by_hand(uri, MODEL, version)
+    deadline = time.monotonic() + 30
+    while _worker_versions(server) != {float(version)}:
+        assert time.monotonic() < deadline, _worker_versions(server)
+        time.sleep(0.3)
+
+
+def test_a_rollout_that_does_not_reach_every_worker_is_rolled_back(server, versions):
+    from core.registry import Registry
+    from core.settings import WatchSpec
+    from flows.watch import watch_and_rollback
+
+    _settle_on(server, versions, "1")
+    reg = Registry(versions, MODEL)
+    reg.move("3", "1", "passed its checks, cannot load on the server", "test", "promote")
+    spec = WatchSpec(converge_s=3 * POLL_S, window_s=1, poll_s=0.5)
+    out = watch_and_rollback(reg, server, "3", "1", spec, "prefect:test", "rollout-test")
+    assert out["breached"] and out["rolled_back_to"] == "1"
+    assert out["reason"].startswith("rollout failed: not every worker serves v3")
+    assert "on v1 (failed)" in out["reason"]  # each worker says why
+    assert reg.champion().version == "1"
+    last = reg.audit()[-1]
+    assert (last["action"], last["from"], last["to"]) == ("rollback", "3", "1")
+    assert last["why"].startswith("automatic rollback of v3: rollout failed")
+
+
+def test_the_watch_never_undoes_a_newer_promotion(server, versions):
+    from core.registry import Registry
+    from core.settings import WatchSpec
+    from flows.watch import watch_and_rollback
+
+    reg = Registry(versions, MODEL)
+    reg.move("3", "1", "a run promoted it", "test", "promote")
+    set_alias_by_hand(versions, MODEL, "2")  # an operator promotes v2 meanwhile
+    records = len(reg.audit(include_pending=True))
+    spec = WatchSpec(converge_s=2 * POLL_S, window_s=1, poll_s=0.5)
+    out = watch_and_rollback(reg, server, "3", "1", spec, "prefect:test", "newer-move-test")
+    assert out["breached"] and out["rolled_back_to"] is None
+    assert "not rolled back: Production holds v2, not v3" in out["reason"]
+    assert reg.champion().version == "2"
+    assert len(reg.audit(include_pending=True)) == records
+    _settle_on(server, versions, "1")
 
 
 def test_metrics_are_prometheus_text_with_the_documented_series(server):
@@ -349,8 +418,6 @@ def _wait_registry_reachable(server: str, expected: bool, failure: str) -> None:
 
 
 def test_mlflow_stopped_and_restarted_while_serving(server, versions, stack_env):
-    from flows.registry import client, move_alias
-
     run = Path(stack_env["VALIFI_DATA_DIR"]) / "run" / "mlflow.json"
     pid = json.loads(run.read_text())["pid"]
     with Load(server, threads=4) as load:
@@ -362,7 +429,7 @@ def test_mlflow_stopped_and_restarted_while_serving(server, versions, stack_env)
         assert up.returncode == 0, up.stderr
         _wait_registry_reachable(server, True, "recovery not noticed")
         # it catches up: a move made after the outage is followed
-        move_alias(client(versions), "2", "after the outage", "test", "promote", MODEL)
+        set_alias_by_hand(versions, MODEL, "2")
         deadline = time.monotonic() + 30
         while _worker_versions(server) != {2.0}:
             assert time.monotonic() < deadline
@@ -377,8 +444,8 @@ def test_api_key_guards_predict_but_not_probes(versions):
         port,
         {
             "VALIFI_MODEL_NAME": MODEL + "-none",
-            "VALIFI_API_KEY": "s3cret",
-            "VALIFI_POLL_INTERVAL_S": "5",
+            "VALIFI_SERVE_API_KEY": "s3cret",
+            "VALIFI_SERVE_POLL_INTERVAL_S": "5",
         },
     )
     url = f"http://127.0.0.1:{port}"
@@ -390,5 +457,68 @@ def test_api_key_guards_predict_but_not_probes(versions):
         assert ok.status_code == 200
         r = post(url, EXECUTE, headers={"X-API-Key": "s3cret"})
         assert r.status_code == 503 and r.json()["error"] == "no model promoted yet"
+        for bad in (b"s3cre", b"s3cret ", b"\xff\xfes3cret", "s3crét".encode()):
+            r = post(url, {"task": "What is Valifi?"}, headers={"X-API-Key": bad})
+            assert r.status_code == 401, bad
     finally:
         stop_server(proc)
+
+
+def _group(pid: int) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pid:
+                out.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def _server_group(proc) -> int:
+    """The process group the supervisor started the server in (its child's)."""
+    import psutil
+
+    (child,) = psutil.Process(proc.pid).children()
+    return os.getpgid(child.pid)
+
+
+def _port_free(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+        return False
+    except httpx.HTTPError:
+        return True
+
+
+def test_sigterm_to_valifi_serve_stops_every_process_and_frees_the_port(versions):
+    port = free_port()
+    proc = start_server(port, {"VALIFI_MODEL_NAME": MODEL + "-none"})
+    group = _server_group(proc)
+    assert len(_group(group)) >= 4  # the server, HTTP process and two workers
+    os.kill(proc.pid, signal.SIGTERM)  # the supervisor alone, as systemd or Docker would
+    assert proc.wait(20) == 0
+    deadline = time.monotonic() + 10
+    while _group(group) or not _port_free(port):
+        assert time.monotonic() < deadline, _group(group)
+        time.sleep(0.2)
+
+
+def test_a_dead_worker_stops_the_server_with_a_failure_exit(versions):
+    port = free_port()
+    proc = start_server(port, {"VALIFI_MODEL_NAME": MODEL + "-none"})
+    group = _server_group(proc)
+    deadline = time.monotonic() + 30
+    status = f"http://127.0.0.1:{port}/status"
+    while len((st := httpx.get(status, timeout=5).json())["workers"]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert st["state"] == "ok", st
+    os.kill(st["workers"][0]["worker"], signal.SIGKILL)
+    assert proc.wait(30) == 1  # never half-alive: its supervisor restarts it
+    deadline = time.monotonic() + 10
+    while _group(group) or not _port_free(port):
+        assert time.monotonic() < deadline, _group(group)
+        time.sleep(0.2)

@@ -34,32 +34,34 @@ def env(stack_env, external_pg):
     values = {
         "VALIFI_MODEL_NAME": MODEL,
         "VALIFI_TRAIN_MAX_EPOCHS": "8",
-        "VALIFI_SYNTHETIC_GROUND_TRUTH": "true",
+        "VALIFI_TRAIN_SYNTHETIC_GROUND_TRUTH": "true",
     }
     with module_settings(external_pg, f"valifi_flow_{os.getpid()}", values) as env:
         yield env
 
 
 @pytest.fixture(scope="module")
-def mlflow_client(stack_env):
-    from flows.registry import client
+def registry(stack_env):
+    from core.registry import Registry
 
-    return client(stack_env["MLFLOW_TRACKING_URI"])
+    return Registry(stack_env["MLFLOW_TRACKING_URI"], MODEL)
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(registry):
+    return registry.client
 
 
 def _versions(c) -> list:
-    from mlflow.exceptions import MlflowException
+    from core.registry import Registry
 
-    try:
-        return sorted(c.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
-    except MlflowException:
-        return []
+    return Registry(os.environ["MLFLOW_TRACKING_URI"], MODEL).versions()
 
 
 def _production(c) -> str | None:
-    from flows.registry import champion
+    from core.registry import Registry
 
-    mv = champion(c, MODEL)
+    mv = Registry(os.environ["MLFLOW_TRACKING_URI"], MODEL).champion()
     return mv.version if mv else None
 
 
@@ -113,6 +115,64 @@ def test_worse_model_is_registered_but_not_promoted(env, mlflow_client):
     assert _production(mlflow_client) == before
 
 
+def test_a_promotion_made_while_a_run_is_evaluating_is_not_undone_by_that_run(env, registry):
+    before = _production(None)
+    count = len(registry.versions())
+    other = next(v.version for v in registry.versions() if v.version != before)
+    # a generous margin: this run's gate passes, so it reaches the promotion step
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "valifi.cli", "train"],
+        env={**os.environ, **env, "VALIFI_GATE_MARGIN": "1.0"},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600
+    while len(registry.versions()) == count:  # registered; the load check comes next
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    registry.client.set_registered_model_alias(MODEL, "Production", other)  # by hand, meanwhile
+    out, err = proc.communicate(timeout=300)
+    new = registry.versions()[-1].version
+    assert proc.returncode == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"Rejected: v{new} registered, not promoted: "), out
+    assert f"Production holds v{other}, not v{before}" in last
+    assert _production(None) == other
+    assert not [r for r in registry.audit(include_pending=True) if r["to"] == new]
+    registry.client.set_registered_model_alias(MODEL, "Production", before)
+
+
+def test_training_that_hangs_is_killed_and_registers_nothing(env, registry, monkeypatch):
+    import psutil
+
+    monkeypatch.setenv("VALIFI_TRAIN_TIMEOUT_S", "3")
+    count = len(registry.versions())
+    state = _run()
+    assert state.is_failed() and "training timed out after 3 s and was killed" in state.message
+    assert len(registry.versions()) == count
+    left = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline"])
+        if "model.train" in (p.info["cmdline"] or [])
+    ]
+    assert not left, left
+
+
+def test_a_second_run_waits_for_the_one_holding_the_lock_then_refuses(env, registry):
+    from flows.pipeline import run_lock
+
+    count = len(registry.versions())
+    with run_lock(5):  # as a deployment run would hold it
+        r = valifi("train", env={**env, "VALIFI_TRAIN_LOCK_WAIT_S": "2"})
+    assert r.returncode == 1
+    assert "another train run held the lock 'valifi-train' for more than 2 s" in r.stdout + r.stderr
+    assert len(registry.versions()) == count
+    with run_lock(5):  # and the refused run did not leave the lock taken
+        pass
+
+
 def test_invalid_data_stops_before_training_and_registers_nothing(
     env, mlflow_client, fresh_db, external_pg, monkeypatch
 ):
@@ -132,9 +192,9 @@ def test_invalid_data_stops_before_training_and_registers_nothing(
     assert len(_versions(mlflow_client)) == count
 
 
-def test_promote_and_rollback_move_the_alias_and_leave_an_audit_record(env, mlflow_client):
-    from flows.registry import audit
-
+def test_promote_and_rollback_move_the_alias_and_leave_an_audit_record(
+    env, mlflow_client, registry
+):
     start = _production(mlflow_client)
     r = valifi("promote", "3", "--reason", "inspect v3 in production", env=env)
     assert r.returncode == 0, r.stderr
@@ -142,7 +202,7 @@ def test_promote_and_rollback_move_the_alias_and_leave_an_audit_record(env, mlfl
     r = valifi("rollback", "--reason", "v3 was only a drill", env=env)
     assert r.returncode == 0, r.stderr
     assert _production(mlflow_client) == start
-    records = audit(mlflow_client, MODEL)
+    records = registry.audit()
     promote, rollback = records[-2], records[-1]
     assert (promote["action"], promote["from"], promote["to"]) == ("promote", start, "3")
     assert promote["why"] == "inspect v3 in production" and "@" in promote["by"]

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from model.artifact import load
+from model.result import TrainResult
 from model.synthetic import BOTS, World
 from tests.helpers import train_small
 
@@ -24,8 +25,7 @@ def trained(tmp_path_factory):
         extra=("--ground-truth", "synthetic"),
         train_seed=0,
     )
-    result = json.loads((out / "result.json").read_text())
-    return load(out / "artifact"), result["metrics"]
+    return load(out / "artifact"), TrainResult.read(out).metrics
 
 
 def test_learned_policy_beats_baselines_and_closes_half_the_gap(trained):

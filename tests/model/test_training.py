@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from model.artifact import ArtifactError, load
+from model.result import TrainResult
 from tests.helpers import ROOT, free_port, synthetic_snapshot
 
 pytestmark = pytest.mark.slow
@@ -58,8 +59,9 @@ def test_smoke_run_writes_a_loadable_artifact(small_snapshot, tmp_path):
         "metrics.json",
     }
     assert not list(art.glob("*.pt")) and not list(art.glob("*.pkl"))
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["metrics"]["rows"] > 0 and np.isfinite(result["metrics"]["rmse"])
+    result = TrainResult.read(tmp_path)
+    assert result.artifact == art and result.metrics["rows"] > 0
+    assert np.isfinite(result.metrics["rmse"])
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
     assert list((tmp_path / "checkpoints").glob("best-*.ckpt"))
     bank = json.loads((art / "action_bank.json").read_text())["bank"]

@@ -58,3 +58,13 @@ def test_prefect_yaml_defines_the_nightly_deployment():
     assert dep["schedules"][0]["cron"] == "0 2 * * *"
     assert dep["concurrency_limit"]["limit"] == 1
     assert dep["work_pool"]["name"] == "valifi-process"
+
+
+def test_the_application_image_holds_every_package_of_the_project():
+    import tomllib
+
+    text = (ROOT / "Dockerfile").read_text()
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in wanted["packages"]["find"]["include"]]
+    assert packages and all(f"COPY {p} ./{p}" in text for p in packages), packages
+    assert all((ROOT / p / "__init__.py").is_file() for p in packages)

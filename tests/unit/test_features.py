@@ -1,7 +1,10 @@
 import json
+import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.features import CLS, PAD, SEP, UNK_PATH, Featurizer, canonical_json, leaves
 
@@ -72,3 +75,69 @@ def test_round_trip_through_json(fz):
     for f in ("ids", "nums", "is_num", "segment"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
     assert again.vocab_size == fz.vocab_size
+
+
+def _small_featurizer():
+    from model.features import Featurizer
+
+    rows = [
+        ("bot", "market_data", {"rsi": float(i), "note": f"word{i % 3} up"}, {"action": a})
+        for i in range(40)
+        for a in ("buy", "sell")
+    ]
+    return Featurizer.build(rows, max_len=32)
+
+
+def test_tokens_are_bounded_and_numbers_out_of_range_are_missing():
+    fz = _small_featurizer()
+    huge = {f"k{i}": "word1 " * 500 for i in range(300)} | {"big": 10**400, "nan": float("nan")}
+    seq = fz.tokens("bot", "market_data", huge, {"action": "buy", "n": -(10**500)})
+    assert len(seq) <= fz.max_len
+    big = [t for t in fz.tokens("bot", "market_data", {"big": 10**400}, {"a": 1}) if t[0] > 4]
+    assert all(t[2] == 0.0 and t[1] == 0.0 for t in big[:3])  # path token only, no value
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=st.dictionaries(
+        st.text(max_size=6),
+        st.recursive(
+            st.one_of(
+                st.none(),
+                st.booleans(),
+                st.integers(min_value=-(10**400), max_value=10**400),
+                st.floats(),
+                st.text(max_size=30),
+            ),
+            lambda inner: st.one_of(
+                st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=4)
+            ),
+            max_leaves=40,
+        ),
+        max_size=5,
+    )
+)
+def test_any_input_featurizes_within_the_length(x):
+    fz = _small_featurizer()
+    seq = fz.tokens("bot", "market_data", x, {"action": "buy"})
+    assert 2 <= len(seq) <= fz.max_len
+    assert all(math.isfinite(v) for _, v, _, _ in seq)
+
+
+def test_ranking_featurizes_each_context_once_and_scores_as_the_full_rows_would():
+    import torch
+
+    from model.artifact import AgentModel
+    from model.network import ModelConfig, RewardModel
+
+    fz = _small_featurizer()
+    torch.manual_seed(0)
+    net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len))
+    bank = {"bot": [{"action": "buy"}, {"action": "sell"}, {"action": "hold", "size": 2}]}
+    model = AgentModel(net, fz, bank, {"bot": "market_data"}, {}, [], {})
+    x = {"rsi": 71.0, "note": "word1 up " * 40, "deep": {"a": [1, 2, {"b": "word2"}]}}
+    (ranked,) = model.rank_many([("bot", x, None)])
+    full = model.score([("bot", "market_data", x, a) for a in bank["bot"]])
+    by_action = {json.dumps(r.action, sort_keys=True): r.score for r in ranked}
+    for a, score in zip(bank["bot"], full, strict=True):
+        assert by_action[json.dumps(a, sort_keys=True)] == pytest.approx(float(score), abs=1e-6)

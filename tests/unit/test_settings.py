@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from valifi.settings import Settings
+from core.settings import Settings
 
 
 @pytest.fixture
@@ -31,32 +31,34 @@ def test_defaults_without_env_or_dotenv(in_tmp):
 
 def test_dotenv_overrides_defaults(in_tmp):
     (in_tmp / ".env").write_text(
-        "DATABASE_URL=postgresql://u@db/x\nVALIFI_TABLE=from_dotenv\nVALIFI_DATA_DIR=/srv/v\n"
+        "DATABASE_URL=postgresql://u@db/x\nVALIFI_EXPORT_TABLE=from_dotenv\nVALIFI_DATA_DIR=/srv/v\n"
     )
     s = Settings()
     assert s.database_url == "postgresql://u@db/x"
-    assert s.table == "from_dotenv"
+    assert s.export.table == "from_dotenv"
     assert s.data_dir == Path("/srv/v")
 
 
 def test_environment_overrides_dotenv(in_tmp, monkeypatch):
-    (in_tmp / ".env").write_text("VALIFI_TABLE=from_dotenv\nMLFLOW_TRACKING_URI=http://a:1\n")
-    monkeypatch.setenv("VALIFI_TABLE", "from_env")
+    (in_tmp / ".env").write_text(
+        "VALIFI_EXPORT_TABLE=from_dotenv\nMLFLOW_TRACKING_URI=http://a:1\n"
+    )
+    monkeypatch.setenv("VALIFI_EXPORT_TABLE", "from_env")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://b:2")
     s = Settings()
-    assert (s.table, s.mlflow_tracking_uri) == ("from_env", "http://b:2")
+    assert (s.export.table, s.mlflow_tracking_uri) == ("from_env", "http://b:2")
 
 
 def test_arguments_override_environment(in_tmp, monkeypatch):
-    monkeypatch.setenv("VALIFI_TABLE", "from_env")
+    monkeypatch.setenv("VALIFI_EXPORT_TABLE", "from_env")
     monkeypatch.setenv("DATABASE_URL", "postgresql://env/x")
-    s = Settings(table="from_arg", database_url="postgresql://arg/x")
-    assert (s.table, s.database_url) == ("from_arg", "postgresql://arg/x")
+    s = Settings(export={"table": "from_arg"}, database_url="postgresql://arg/x")
+    assert (s.export.table, s.database_url) == ("from_arg", "postgresql://arg/x")
 
 
 def test_column_mapping_from_json_env(in_tmp, monkeypatch):
-    monkeypatch.setenv("VALIFI_COLUMNS", '{"bot_id": "agent", "created_at": "ts"}')
-    assert Settings().columns == {"bot_id": "agent", "created_at": "ts"}
+    monkeypatch.setenv("VALIFI_EXPORT_COLUMNS", '{"bot_id": "agent", "created_at": "ts"}')
+    assert Settings().export.columns == {"bot_id": "agent", "created_at": "ts"}
 
 
 @pytest.mark.parametrize(
@@ -70,3 +72,40 @@ def test_column_mapping_from_json_env(in_tmp, monkeypatch):
 )
 def test_local_port_tells_managed_from_external(in_tmp, url, port):
     assert Settings().local_port(url) == port
+
+
+def test_each_section_is_the_spec_its_stage_takes_with_its_defaults_written_once(in_tmp):
+    from core import settings as core
+
+    s = Settings()
+    for name, spec in [
+        ("export", core.ExportSpec),
+        ("validation", core.ValidationSpec),
+        ("train", core.TrainSpec),
+        ("gate", core.GateSpec),
+        ("watch", core.WatchSpec),
+        ("serve", core.ServeSpec),
+    ]:
+        section = getattr(s, name)
+        assert type(section) is spec
+        assert section == spec()  # the spec's own defaults are the settings' defaults
+
+
+def test_section_fields_come_from_valifi_section_field_variables(in_tmp, monkeypatch):
+    monkeypatch.setenv("VALIFI_GATE_MARGIN", "0.2")
+    monkeypatch.setenv("VALIFI_WATCH_WINDOW_S", "42")
+    monkeypatch.setenv("VALIFI_SERVE_WORKERS", "3")
+    monkeypatch.setenv("VALIFI_TRAIN_TIMEOUT_S", "60")
+    monkeypatch.setenv("VALIFI_VALIDATION_DATA_TYPES", '["a", "b"]')
+    monkeypatch.setenv("VALIFI_SERVER_STARTED_AT", "123")  # not a field of the serve section
+    s = Settings()
+    assert (s.gate.margin, s.watch.window_s, s.serve.workers) == (0.2, 42.0, 3)
+    assert (s.train.timeout_s, s.validation.data_types) == (60.0, ["a", "b"])
+
+
+def test_a_misspelt_section_setting_is_an_error(in_tmp, monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("VALIFI_GATE_MARGN", "0.2")
+    with pytest.raises(ValidationError, match="margn"):
+        Settings()

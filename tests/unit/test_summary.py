@@ -1,6 +1,7 @@
 import numpy as np
 
-from flows.gate import GateSpec, decide
+from core.settings import GateSpec
+from flows.gate import decide
 from flows.summary import render
 
 
@@ -14,7 +15,7 @@ def test_summary_has_every_section_and_the_links():
         "rows": 2000,
     }
     gate = decide(
-        GateSpec(), ch, np.full(50, 0.06), dict(ch, rmse=0.27), np.full(50, 0.07), "1"
+        GateSpec(), ch, np.full(500, 0.06), dict(ch, rmse=0.27), np.full(500, 0.07), "1"
     ).to_dict()
     md = render(
         {
@@ -50,6 +51,8 @@ def test_summary_has_every_section_and_the_links():
         "| auc | 0.8000 | 0.8000 |",
         "95% CI",
         "**pass**",
+        "margin +0.0070",
+        "Rule: Promote when",
         "[valifi-agent v2](http://m/#/models/valifi-agent/versions/2)",
         "(http://m/#/experiments/1/runs/abc)",
     ):

@@ -1,4 +1,5 @@
-from flows.watch import VersionStats, WatchSpec, delta, judge, parse, quantile, stats
+from core.settings import WatchSpec
+from flows.watch import VersionStats, delta, judge, parse, quantile, stats
 
 METRICS = """# HELP valifi_http_requests_total POST /predict requests answered
 # TYPE valifi_http_requests_total counter
@@ -50,3 +51,13 @@ def test_judge_error_rate_latency_and_too_few_requests():
     assert judge(spec, slow, 0.3) is None  # within 2x of the previous version
     fast = VersionStats(100, 0, {0.01: 100, float("inf"): 100})
     assert judge(spec, fast, 0.001) is None  # under the floor: never a breach
+
+
+def test_a_5xx_no_worker_labelled_counts_against_the_watched_version():
+    text = (
+        'valifi_http_requests_total{model_version="2",status="200",type="execution"} 30.0\n'
+        'valifi_http_requests_total{model_version="none",status="504",type="error"} 5.0\n'
+        'valifi_http_requests_total{model_version="none",status="422",type="invalid"} 9.0\n'
+    )
+    s = stats(parse(text), "2")
+    assert (s.requests, s.errors) == (35.0, 5.0)

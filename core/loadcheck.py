@@ -1,6 +1,6 @@
 """Load a registered version in this (fresh) process and verify its canary set.
 
-    python -m flows.loadcheck valifi-agent 3      (MLFLOW_TRACKING_URI from the environment)
+    python -m core.loadcheck valifi-agent 3      (MLFLOW_TRACKING_URI from the environment)
 
 Loads through the pyfunc flavour, as `mlflow models serve` would; exits non-zero
 with the reason on the last line of stderr when it cannot load or verify.

@@ -1,0 +1,198 @@
+"""Settings for every entry point: environment, then `.env`, then defaults.
+
+One `Settings`, read once at an entry point (`Settings()`), never at import time.
+Its nested sections *are* the specs the stages take (`settings.export` is the
+`ExportSpec` the export runs with), so every default is written once, here.
+
+The standard variables keep their usual names (`DATABASE_URL`,
+`MLFLOW_TRACKING_URI`, `PREFECT_API_URL`, `PYTHON_AGENT_URL`); the project's own
+knobs are `VALIFI_*`, and a section's field is `VALIFI_<SECTION>_<FIELD>`:
+`VALIFI_GATE_MARGIN` sets `settings.gate.margin`, `VALIFI_SERVE_WORKERS` sets
+`settings.serve.workers`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ALIAS = "Production"  # the registry alias the server follows and the gate moves
+
+
+class ExportSpec(BaseModel):
+    """What to export; defaults follow the original design (7 days, newest 10,000)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
+
+    table: str = "bot_training_data"
+    bots_table: str = "trading_bots"  # the app layout's bot names
+    # Explicit column mapping for other schemas, e.g. {"bot_id": "agent", "created_at": "ts"};
+    # unset roles are detected from the catalog.
+    columns: dict[str, str] = Field(default_factory=dict)
+    days: float = 7.0
+    limit: int = 10_000
+    min_rows: int = 100  # fewer rows than this: the run is skipped, not failed
+    until: datetime | None = None  # end of the window (UTC); None: now
+    chunk_bytes: int = 4 << 20  # rows parsed and written per chunk
+
+    def window(self) -> tuple[datetime, datetime]:
+        until = self.until or datetime.now(UTC)
+        until = until if until.tzinfo else until.replace(tzinfo=UTC)
+        return until - timedelta(days=self.days), until
+
+
+class ValidationSpec(BaseModel):
+    """The expectation suite's limits (the minimum row count is the export's)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
+
+    reward_min: float = -1.0
+    reward_max: float = 1.0
+    data_types: list[str] = Field(
+        default_factory=lambda: ["market_data", "user_feedback", "strategy_result"]
+    )
+    max_null_reward_fraction: float = 0.2
+    max_bad_payload_fraction: float = 0.01
+
+
+class GateSpec(BaseModel):
+    """The promotion gate (see flows/gate.py and the README for the rule)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
+
+    auc_min: float = 0.6  # ROC AUC of the score against reward > 0
+    rmse_ratio_max: float = 0.95  # RMSE must beat predicting the training mean by 5%
+    # Non-inferiority margin, relative to the champion's holdout MSE: promote only when
+    # the upper CI bound of (challenger - champion) MSE lies below margin x champion MSE.
+    margin: float = 0.10
+    confidence: float = 0.95
+    bootstrap: int = 2000
+    min_holdout_rows: int = 200  # a smaller holdout cannot decide: rejected
+
+
+class WatchSpec(BaseModel):
+    """The watch of a freshly promoted version on the agent server."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
+
+    window_s: float = 300.0  # 0: no watch after a promotion
+    poll_s: float = 5.0
+    converge_s: float = 120.0  # every worker must serve the new version within this
+    max_error_rate: float = 0.02  # share of 5xx answers
+    max_p99_ratio: float = 2.0  # new p99 over previous p99
+    min_p99_s: float = 0.25  # below this p99 never counts as a breach
+    min_requests: int = 20  # fewer answers than this: no judgement on error rate
+
+
+class TrainSpec(BaseModel):
+    """How the flow launches training (`python -m model.train`)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
+
+    devices: int = 1
+    num_nodes: int = 1
+    max_epochs: int | None = None  # None: the model's default
+    timeout_s: float = 3600.0  # a training process running longer is killed
+    lock_wait_s: float = 6 * 3600.0  # how long a run waits for another run to finish
+    # Report true policy values from the synthetic generator (data from seed-data only).
+    synthetic_ground_truth: bool = False
+    synthetic_drift_at: str | None = None
+
+
+class ServeSpec(BaseModel):
+    """The agent server."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
+
+    host: str = "127.0.0.1"
+    workers: int = 2  # inference worker processes
+    # torch threads in each worker; None: the cores shared out (cores // workers, at least 1)
+    threads_per_worker: int | None = None
+    api_servers: int = 1  # HTTP server processes
+    max_batch_size: int = 16
+    batch_timeout_s: float = 0.01
+    poll_interval_s: float = 10.0  # how often each worker checks the Production alias
+    request_timeout_s: float = 30.0
+    max_payload_bytes: int = 64 * 1024
+    api_key: str | None = None  # when set, /predict needs header X-API-Key
+
+
+def _std(name: str) -> AliasChoices:
+    """Accept the conventional variable name, and the field name for keyword init."""
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VALIFI_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    # --- services -------------------------------------------------------------
+    # None: the `valifi` command uses an embedded PostgreSQL under data_dir.
+    database_url: str | None = Field(None, validation_alias=_std("DATABASE_URL"))
+    mlflow_tracking_uri: str = Field(
+        "http://127.0.0.1:5000", validation_alias=_std("MLFLOW_TRACKING_URI")
+    )
+    prefect_api_url: str = Field(
+        "http://127.0.0.1:4200/api", validation_alias=_std("PREFECT_API_URL")
+    )
+    python_agent_url: str = Field(
+        "http://127.0.0.1:8000", validation_alias=_std("PYTHON_AGENT_URL")
+    )
+
+    # --- local stack ----------------------------------------------------------
+    data_dir: Path = Path(".valifi")
+    # Backend store of the MLflow server; None: SQLite under data_dir.
+    mlflow_backend_store_uri: str | None = None
+    stack_timeout_s: float = 120.0
+
+    # --- the registered model and the stages ------------------------------------
+    model_name: str = "valifi-agent"
+    # Delays between the retries of tasks that touch the network or the database.
+    retry_delays_s: list[float] = Field(default_factory=lambda: [2.0, 5.0, 15.0])
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    gate: GateSpec = Field(default_factory=GateSpec)
+    watch: WatchSpec = Field(default_factory=WatchSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+
+    # --- deployment and notifications ------------------------------------------------
+    schedule_timezone: str = "UTC"
+    worker_poll_s: float = 10.0
+    late_run_grace_s: float = 3600.0  # a scheduled run this late yields to a newer one
+    notify_webhook_url: str | None = None
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().absolute()
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def serving_cache(self) -> Path:
+        return self.data_dir / "serving-cache" / self.model_name
+
+    def local_port(self, url: str) -> int | None:
+        """The port of `url` when it names this machine, else None (an external service)."""
+        parts = urlsplit(url)
+        if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+            return parts.port or (443 if parts.scheme == "https" else 80)
+        return None

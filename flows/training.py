@@ -1,0 +1,119 @@
+"""Train in processes of their own and score the challenger against the champion.
+
+Training runs as `python -m model.train` (so Lightning's DDP launcher can start
+its ranks) in a process group of its own, under a timeout: a run that takes
+longer is killed, group and all, and nothing is registered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from core.registry import Registry
+from core.settings import GateSpec, TrainSpec
+from flows.gate import GateDecision, decide
+from model.result import TrainResult
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TrainingFailed(RuntimeError):
+    """The training process failed or timed out; the message says why."""
+
+
+def train_args(
+    spec: TrainSpec,
+    devices: int | None = None,
+    num_nodes: int | None = None,
+    max_epochs: int | None = None,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """Arguments for `python -m model.train` from the settings and the run's overrides."""
+    args = [
+        "--devices",
+        str(devices or spec.devices),
+        "--num-nodes",
+        str(num_nodes or spec.num_nodes),
+    ]
+    if epochs := max_epochs or spec.max_epochs:
+        args += ["--max-epochs", str(epochs)]
+    if spec.synthetic_ground_truth:
+        args += ["--ground-truth", "synthetic"]
+        if spec.synthetic_drift_at:
+            args += ["--drift-at", spec.synthetic_drift_at]
+    return args + list(extra or [])
+
+
+def launch(snapshot: Path, out: Path, args: list[str], timeout_s: float) -> TrainResult:
+    """Run training to completion (or kill it at `timeout_s`); its log lands in OUT/train.log."""
+    cmd = [sys.executable, "-m", "model.train", "--snapshot", str(snapshot), "--out", str(out)]
+    cmd += ["--no-progress", *args]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    log = Path(out) / "train.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise TrainingFailed(
+                f"training timed out after {timeout_s:g} s and was killed (log: {log})"
+            ) from None
+        except BaseException:  # the run was cancelled: take the training down with it
+            _kill_group(proc)
+            raise
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+        raise TrainingFailed(f"training failed (exit {code}): {tail}")
+    try:
+        return TrainResult.read(out)
+    except FileNotFoundError:
+        raise TrainingFailed(f"training exited 0 but wrote no result in {out}") from None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def judge(
+    registry: Registry, result: TrainResult, snapshot: Path, spec: GateSpec, cache: Path
+) -> GateDecision:
+    """Score the challenger and the current champion on the same holdout; apply the gate."""
+    from model.artifact import load
+    from model.evaluation import evaluate, per_row
+    from model.module import read_snapshot, temporal_split
+
+    cfg = result.train_config
+    df = read_snapshot(Path(snapshot))
+    train_df, _, holdout = temporal_split(df, cfg["val_fraction"], cfg["holdout_fraction"])
+    train_mean = float(train_df["reward"].mean())
+    challenger = load(result.artifact)
+    new_metrics = evaluate(challenger, holdout, train_mean)
+    new_err = per_row(challenger, holdout)["sq_err"]
+    old = registry.champion()
+    if old is None:
+        return decide(spec, new_metrics, new_err)
+    champ = load(registry.download(old, cache))
+    return decide(
+        spec,
+        new_metrics,
+        new_err,
+        evaluate(champ, holdout, train_mean),
+        per_row(champ, holdout)["sq_err"],
+        old.version,
+    )

@@ -1,0 +1,69 @@
+"""What each inference worker reports about itself, for GET /status and the watch.
+
+Workers are processes of their own; each writes `<pid>.json` into the folder named
+by `VALIFI_SERVER_STATUS_DIR` (set by `valifi serve`) after every registry poll,
+and the HTTP processes read them all. Light on purpose: the command imports it
+before anything sets up Prometheus' multiprocess mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from core.settings import ALIAS, Settings
+
+STATUS_DIR_ENV = "VALIFI_SERVER_STATUS_DIR"
+
+
+def process_alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def degraded(live: list[dict], expected: int, patience_s: float) -> list[str]:
+    """Why the server does not serve what the registry says, if it does not."""
+    now = time.time()
+    problems = []
+    if len(live) < expected:
+        problems.append(f"{len(live)} of {expected} workers running")
+    for w in live:
+        since = w.get("behind_since")
+        if since and now - since > patience_s:
+            problems.append(
+                f"worker {w['worker']} serves v{w.get('version')} while {ALIAS} is "
+                f"v{w.get('alias_version')} (for {now - since:.0f} s)"
+            )
+    return problems
+
+
+def worker_status(settings: Settings) -> dict:
+    """Each inference worker's own report (files they write after every poll)."""
+    folder = os.environ.get(STATUS_DIR_ENV)
+    workers = []
+    for f in sorted(Path(folder).glob("*.json")) if folder else []:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now; the next read has it
+        doc["alive"] = process_alive(int(doc["worker"]))
+        workers.append(doc)
+    live = [w for w in workers if w["alive"]]
+    served = {w["version"] for w in live}
+    problems = degraded(live, settings.serve.workers, 2 * settings.serve.poll_interval_s)
+    return {
+        "model": settings.model_name,
+        "alias": ALIAS,
+        "state": "degraded" if problems else "ok",
+        "problems": problems,
+        "expected_workers": settings.serve.workers,
+        "versions": sorted(v or "none" for v in served),
+        "workers": workers,
+    }
