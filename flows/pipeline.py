@@ -15,6 +15,7 @@ whole run holds the Prefect global concurrency limit `valifi-train`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from dataclasses import asdict
@@ -67,8 +68,8 @@ class RunLockTimeout(RuntimeError):
 
 
 @task(name="export", retry_condition_fn=_retry_unless_permanent)
-def export_task(url: str, spec: ExportSpec, out_root: Path) -> str | None:
-    """Snapshot the table; None when there are too few rows (the run is skipped)."""
+def export_task(url: str, spec: ExportSpec, out_root: Path) -> str:
+    """Snapshot the table; InsufficientData (not retried) when there are too few rows."""
     import psycopg
 
     try:
@@ -286,18 +287,15 @@ def train(
     )
     summary: dict = {}
     try:
-        try:
-            lock = run_lock(settings.train.lock_wait_s)
-            lock.__enter__()
-        except TimeoutError:
-            raise RunLockTimeout(
-                f"another train run held the lock {LOCK!r} for more than "
-                f"{settings.train.lock_wait_s:g} s; this run did nothing"
-            ) from None
-        try:
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(run_lock(settings.train.lock_wait_s))
+            except TimeoutError:
+                raise RunLockTimeout(
+                    f"another train run held the lock {LOCK!r} for more than "
+                    f"{settings.train.lock_wait_s:g} s; this run did nothing"
+                ) from None
             state = _train(settings, export, summary, (devices, num_nodes, max_epochs, train_args))
-        finally:
-            lock.__exit__(None, None, None)
         summary["decision"] = f"{state.name}: {state.message}"
         return state
     except BaseException as exc:

@@ -7,12 +7,11 @@ longer is killed, group and all, and nothing is registered.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from core.processes import stop_group
 from core.registry import Registry
 from core.settings import GateSpec, TrainSpec
 from flows.gate import GateDecision, decide
@@ -61,12 +60,12 @@ def launch(snapshot: Path, out: Path, args: list[str], timeout_s: float) -> Trai
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            stop_group(proc)
             raise TrainingFailed(
                 f"training timed out after {timeout_s:g} s and was killed (log: {log})"
             ) from None
         except BaseException:  # the run was cancelled: take the training down with it
-            _kill_group(proc)
+            stop_group(proc)
             raise
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-5:])
@@ -75,19 +74,6 @@ def launch(snapshot: Path, out: Path, args: list[str], timeout_s: float) -> Trai
         return TrainResult.read(out)
     except FileNotFoundError:
         raise TrainingFailed(f"training exited 0 but wrote no result in {out}") from None
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def judge(

@@ -68,7 +68,6 @@ class AgentAPI(ls.LitAPI):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.settings = Settings()
-        self.device = device
         _share_cores(self.settings.serve)
         self.kb = KnowledgeBase.load()
         self.name = self.settings.model_name
@@ -316,12 +315,12 @@ SHOWN_METRICS = ("auc", "rmse", "mae", "replay_value", "rows", "true_value_polic
 def _shown_metrics(metrics: dict) -> dict:
     """The serving version's metrics for the status answer; NaN (say, no replay match)
     becomes null, since JSON has no NaN."""
-    out = {}
-    for k in SHOWN_METRICS:
-        v = metrics.get(k)
-        if k in metrics:
-            out[k] = v if not isinstance(v, float) or math.isfinite(v) else None
-    return out
+    shown = {k: metrics[k] for k in SHOWN_METRICS if k in metrics}
+    return {k: v if _finite_or_other(v) else None for k, v in shown.items()}
+
+
+def _finite_or_other(v) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)
 
 
 def _figure(v) -> str:

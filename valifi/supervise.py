@@ -12,13 +12,13 @@ server runs in a process group of its own under this supervisor, which
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+from core.processes import stop_group
 
 log = logging.getLogger("valifi.serve")
 
@@ -33,29 +33,6 @@ def dead_workers(status_dir: Path) -> list[int]:
         if pid is not None and not process_alive(pid):
             dead.append(pid)
     return dead
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """TERM the server's process group, KILL what is left after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not _group_alive(proc.pid):
-                return
-            time.sleep(0.1)
-    proc.wait(5)
 
 
 def supervise(cmd: list[str], env: dict, status_dir: Path, grace_s: float = 10.0) -> int:
