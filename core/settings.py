@@ -38,6 +38,9 @@ class ExportSpec(BaseModel):
     min_rows: int = 100  # fewer rows than this: the run is skipped, not failed
     until: datetime | None = None  # end of the window (UTC); None: now
     chunk_bytes: int = 4 << 20  # rows parsed and written per chunk
+    # The zone a `timestamp without time zone` column's values are in. None: the
+    # database's own TimeZone setting (what `DEFAULT now()` wrote them in).
+    naive_timezone: str | None = None
 
     def window(self) -> tuple[datetime, datetime]:
         until = self.until or datetime.now(UTC)
@@ -114,7 +117,9 @@ class ServeSpec(BaseModel):
     threads_per_worker: int | None = None
     api_servers: int = 1  # HTTP server processes
     max_batch_size: int = 16
-    batch_timeout_s: float = 0.01
+    # once a batch has one request, how long it waits for more; 0: it takes what is
+    # already waiting (batches still grow under load, and a lone request never waits)
+    batch_timeout_s: float = 0.0
     poll_interval_s: float = 10.0  # how often each worker checks the Production alias
     request_timeout_s: float = 30.0
     max_payload_bytes: int = 64 * 1024

@@ -33,7 +33,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from core.settings import ExportSpec
-from flows.source import Source, detect, export_query, parsed_by_server
+from flows.source import detect, export_query, parsed_by_server, window_count_query
 
 MANIFEST = "manifest.json"
 DATA = "data.parquet"
@@ -78,6 +78,12 @@ class Manifest:
     bots: dict[str, int]
     data_types: dict[str, int]
     exported_at: str
+    # the window held this many rows; `limit_cut`: the export kept only the newest `limit`
+    window_rows: int | None = None
+    limit_cut: bool = False
+    null_bot_rows: int = 0  # rows without a bot or data type (validation fails them)
+    null_data_type_rows: int = 0
+    naive_timezone: str | None = None  # the zone a column without one was read in
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -113,7 +119,14 @@ class _ChunkWriter:
         self.canonicalize = canonicalize  # payload column -> parse it here
         self.sha = hashlib.sha256()
         self.writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
-        self.stats = {"rows": 0, "null_reward": 0, "bad_input": 0, "bad_action": 0}
+        self.stats = {
+            "rows": 0,
+            "null_reward": 0,
+            "bad_input": 0,
+            "bad_action": 0,
+            "null_bot": 0,
+            "null_data_type": 0,
+        }
         self.bots: dict[str, int] = {}
         self.data_types: dict[str, int] = {}
         self.newest = self.oldest = None
@@ -148,6 +161,10 @@ class _ChunkWriter:
             convert_options=pacsv.ConvertOptions(
                 column_types={f.name: f.type for f in SCHEMA if f.name != "created_at"}
                 | {"created_at": pa.timestamp("us")},
+                # PostgreSQL's CSV NULL is an unquoted empty field, and an empty string
+                # is quoted: nothing else is NULL (Arrow's defaults would also take
+                # NA, N/A, null, NULL, nan, None, ... for NULL)
+                null_values=[""],
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=False,
                 true_values=["t"],
@@ -174,7 +191,8 @@ class _ChunkWriter:
         s["bad_input"] += _false_count(t["input_ok"])
         s["bad_action"] += _false_count(t["action_ok"])
         for key, counts in (("bot", self.bots), ("data_type", self.data_types)):
-            for v in pc.value_counts(t[key]).to_pylist():
+            s[f"null_{key}"] += t[key].null_count
+            for v in pc.value_counts(t[key].drop_null()).to_pylist():
                 counts[v["values"]] = counts.get(v["values"], 0) + v["counts"]
         if t.num_rows:
             lo, hi = pc.min_max(t["created_at"]).values()
@@ -224,10 +242,19 @@ def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
     since, until = spec.window()
     with psycopg.connect(url) as conn:
         conn.read_only = True
+        # the count and the rows from one snapshot of the table
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         with conn.cursor() as cur:
+            # what the server prints and how it reads times, whatever its own settings
+            cur.execute("SHOW TimeZone")
+            naive_tz = spec.naive_timezone or cur.fetchone()[0]
+            cur.execute("SET TIME ZONE 'UTC'")
+            cur.execute("SET DateStyle TO ISO, YMD")
             src = detect(cur, spec.table, spec.columns)
             version = conn.info.server_version
-            params = _window_params(src, since, until) | {"limit": spec.limit}
+            params = {"since": since, "until": until, "naive_tz": naive_tz, "limit": spec.limit}
+            cur.execute(window_count_query(src), params)
+            window_rows = cur.fetchone()[0]
             select = export_query(src, version).as_string(conn)
             sink = _ChunkWriter(
                 folder / DATA,
@@ -246,15 +273,11 @@ def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
                 sink.close()
         conn.rollback()  # read-only: nothing to keep
     manifest = _manifest(src, spec, select, sink, since, until)
+    manifest.window_rows = window_rows
+    manifest.naive_timezone = None if src.created_tz else naive_tz
+    manifest.limit_cut = window_rows > manifest.rows
     (folder / MANIFEST).write_text(manifest.to_json())
     return manifest
-
-
-def _window_params(src: Source, since: datetime, until: datetime) -> dict:
-    if src.created_tz:
-        return {"since": since, "until": until}
-    # naive timestamp columns hold UTC
-    return {"since": since.replace(tzinfo=None), "until": until.replace(tzinfo=None)}
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -281,4 +304,6 @@ def _manifest(src, spec, select, sink, since, until) -> Manifest:
         bots=dict(sorted(sink.bots.items())),
         data_types=dict(sorted(sink.data_types.items())),
         exported_at=datetime.now(UTC).isoformat(),
+        null_bot_rows=s["null_bot"],
+        null_data_type_rows=s["null_data_type"],
     )

@@ -80,7 +80,8 @@ def export_task(url: str, spec: ExportSpec, out_root: Path) -> str:
     except psycopg.Error as exc:
         raise ExportError(f"export from table {spec.table!r} failed: {exc}".strip()) from exc
     m = Manifest.read(snap)
-    get_run_logger().info(
+    log = get_run_logger()
+    log.info(
         "snapshot %s: %d rows (%d unscored), %s .. %s, sha256 %s",
         snap.name,
         m.rows,
@@ -89,6 +90,12 @@ def export_task(url: str, spec: ExportSpec, out_root: Path) -> str:
         m.watermark,
         m.sha256[:12],
     )
+    if m.limit_cut:
+        log.warning(
+            "the window held %d rows; only the newest %d were exported (VALIFI_EXPORT_LIMIT)",
+            m.window_rows,
+            m.limit,
+        )
     return str(snap)
 
 

@@ -142,17 +142,40 @@ def _payload(src: Source, role: str, server_version: int) -> tuple[sql.Composabl
     return col + sql.SQL("::text"), sql.SQL("NULL::boolean")
 
 
+def _in_window(src: Source, created: sql.Composable) -> sql.Composed:
+    """`created` inside [since, until): both UTC instants; a column without a time zone
+    is compared in its own zone (parameter naive_tz), so an index on it still serves."""
+    if src.created_tz:
+        return sql.SQL("{c} >= %(since)s AND {c} < %(until)s").format(c=created)
+    return sql.SQL(
+        "{c} >= (%(since)s::timestamptz AT TIME ZONE %(naive_tz)s) "
+        "AND {c} < (%(until)s::timestamptz AT TIME ZONE %(naive_tz)s)"
+    ).format(c=created)
+
+
+def window_count_query(src: Source) -> sql.Composed:
+    """How many rows the window holds (parameters as export_query's)."""
+    created = sql.SQL("t.") + sql.Identifier(src.columns["created_at"])
+    return sql.SQL("SELECT count(*) FROM {table} t WHERE {window}").format(
+        table=sql.Identifier(src.table), window=_in_window(src, created)
+    )
+
+
 def export_query(src: Source, server_version: int) -> sql.Composed:
     """SELECT of one snapshot: rows in [since, until), newest first, at most `limit`.
 
-    Parameters: since, until (timestamps in UTC, naive or aware to match the
-    column) and limit.
+    Parameters: since, until (aware UTC instants), naive_tz (the zone of a column
+    without a time zone) and limit. Times come out as UTC without a zone.
     """
     c = {role: sql.SQL("t.") + sql.Identifier(col) for role, col in src.columns.items()}
     inp, inp_ok = _payload(src, "input", server_version)
     out, out_ok = _payload(src, "output", server_version)
     created = c["created_at"]
-    created_utc = sql.SQL("({} AT TIME ZONE 'UTC')").format(created) if src.created_tz else created
+    created_utc = (
+        sql.SQL("({} AT TIME ZONE 'UTC')").format(created)
+        if src.created_tz
+        else sql.SQL("(({} AT TIME ZONE %(naive_tz)s) AT TIME ZONE 'UTC')").format(created)
+    )
     if src.bots_table:
         bot_name = sql.SQL("COALESCE(b.name::text, {}::text)").format(c["bot_id"])
         join = sql.SQL(" LEFT JOIN {} b ON b.{} = {}").format(
@@ -166,7 +189,7 @@ def export_query(src: Source, server_version: int) -> sql.Composed:
         "{out} AS action, {out_ok} AS action_ok, {reward}::float8 AS reward, "
         "{created_utc} AS created_at "
         "FROM {table} t{join} "
-        "WHERE {created} >= %(since)s AND {created} < %(until)s "
+        "WHERE {window} "
         "ORDER BY {created} DESC, {id} DESC LIMIT %(limit)s"
     ).format(
         id=c["id"],
@@ -181,5 +204,6 @@ def export_query(src: Source, server_version: int) -> sql.Composed:
         created_utc=created_utc,
         table=sql.Identifier(src.table),
         join=join,
+        window=_in_window(src, created),
         created=created,
     )

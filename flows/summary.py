@@ -41,6 +41,13 @@ def _gate(gate: dict) -> list[str]:
     return out
 
 
+def _window_rows(snap: dict) -> object:
+    held = snap.get("window_rows")
+    if held is None or not snap.get("limit_cut"):
+        return held
+    return f"{held} (cut to the newest {snap.get('limit')} by VALIFI_EXPORT_LIMIT)"
+
+
 def render(s: dict) -> str:
     """Markdown for the Prefect UI from the pieces a run gathered (any may be missing)."""
     out = [f"# train: {s.get('decision', 'unknown')}", ""]
@@ -50,6 +57,7 @@ def render(s: dict) -> str:
             *_table(
                 [
                     ("rows", snap.get("rows")),
+                    ("rows in the window", _window_rows(snap)),
                     ("unscored rows", snap.get("null_reward_rows")),
                     ("window", f"{snap['window']['since']} → {snap['window']['until']}"),
                     ("newest row", snap.get("watermark")),

@@ -94,6 +94,7 @@ def _suite(spec: ValidationSpec, window: dict[str, str], min_rows: int):
             column="reward", mostly=1.0 - spec.max_null_reward_fraction
         ),
         gxe.ExpectColumnValuesToBeInSet(column="input_ok", value_set=[True], mostly=bad_mostly),
+        gxe.ExpectColumnValuesToBeInSet(column="action_ok", value_set=[True], mostly=bad_mostly),
     ]
 
 

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from core.registry import Registry
 from core.settings import ALIAS, Settings
 from serving import metrics
+from serving.batching import DrainingBatchedLoop
 from serving.knowledge import KnowledgeBase
 from serving.requests import PredictRequest
 from serving.status import STATUS_DIR_ENV, worker_status
@@ -44,7 +45,7 @@ def _share_cores(serve) -> int:
     return n
 
 
-def _error(status: int, message: str, served=None) -> JSONResponse:
+def _error(status: int, message: str, served=None, headers=None, **extra) -> JSONResponse:
     return JSONResponse(
         status_code=status,
         content={
@@ -52,7 +53,9 @@ def _error(status: int, message: str, served=None) -> JSONResponse:
             "error": message,
             "answer": message,
             "model_version": served.version if served else None,
+            **extra,
         },
+        headers=headers,
     )
 
 
@@ -338,6 +341,33 @@ async def _validation_error(request, exc) -> JSONResponse:
     return _error(422, f"invalid request: {message}"[:2000])
 
 
+def _http_error(settings: Settings):
+    """Errors raised as HTTPException (a body that cannot be parsed, a timeout) in the
+    same shape as every other error, with FastAPI's `detail` kept beside it.
+
+    A request whose inference worker died cannot be answered; the server is stopping
+    so that its supervisor restarts it (valifi.supervise). That is a 503 to retry,
+    not a 500: nothing was wrong with the request or the model.
+    """
+
+    async def handle(request, exc) -> JSONResponse:
+        if exc.status_code == 500 and not all(
+            w["alive"] for w in worker_status(settings)["workers"]
+        ):
+            return _error(
+                503,
+                "an inference worker stopped; the server is restarting: retry shortly",
+                headers={"Retry-After": "5"},
+                detail=exc.detail,
+            )
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
+        return _error(
+            exc.status_code, detail[:2000], headers=getattr(exc, "headers", None), detail=exc.detail
+        )
+
+    return handle
+
+
 class ApiKeyMiddleware:
     """Optional API key (header X-API-Key) on everything but the probes."""
 
@@ -371,9 +401,14 @@ def _one_served_version(settings: Settings) -> str | None:
     return versions.pop() if len(versions) == 1 else None
 
 
-def build_server(settings: Settings) -> ls.LitServer:
+def build_server(settings: Settings, api_class: type[ls.LitAPI] = AgentAPI) -> ls.LitServer:
+    """The server around `api_class` (the agent; the serving benchmark swaps in a no-op)."""
     serve = settings.serve
-    api = AgentAPI(max_batch_size=serve.max_batch_size, batch_timeout=serve.batch_timeout_s)
+    api = api_class(
+        max_batch_size=serve.max_batch_size,
+        batch_timeout=serve.batch_timeout_s,
+        loop=DrainingBatchedLoop() if serve.max_batch_size > 1 else "auto",
+    )
     middlewares = [
         (metrics.PredictMetricsMiddleware, {"fallback": lambda: _one_served_version(settings)})
     ]
@@ -399,17 +434,19 @@ def build_server(settings: Settings) -> ls.LitServer:
         return worker_status(settings)
 
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     server.app.add_exception_handler(RequestValidationError, _validation_error)
+    server.app.add_exception_handler(StarletteHTTPException, _http_error(settings))
     server.app.add_api_route("/metrics", prometheus, methods=["GET"])
     server.app.add_api_route("/status", status, methods=["GET"])
     return server
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def serve(settings: Settings, host: str, port: int, api_class: type[ls.LitAPI] = AgentAPI) -> None:
     """Run the server (blocks). `valifi serve` sets up the shared folders first."""
     os.environ.setdefault("VALIFI_SERVER_STARTED_AT", str(time.time()))
-    server = build_server(settings)
+    server = build_server(settings, api_class)
     log.info(
         "serving %s@%s on http://%s:%d (%d workers, batch %d)",
         settings.model_name,

@@ -4,7 +4,8 @@ Each inference worker runs one watcher thread. Every poll it asks the registry
 where the alias points; when it moved, it downloads that version (cached by
 version and run id, shared by the workers), loads it beside the serving one,
 checks the canary set, and only then swaps one reference. A batch reads the
-reference once, so requests in flight finish on the model they started with.
+reference once, so requests in flight finish on the model they started with. The
+model swapped out stays loaded: moving the alias back (a rollback) swaps at once.
 
 Two kinds of failure are told apart. A transient one (the registry or the
 network failed, a download broke off) is tried again on the next polls, with
@@ -25,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -86,6 +87,7 @@ class Watcher:
         self.status_file = status_file
         self.device = device
         self.served: Served | None = None
+        self._previous: Served | None = None  # the one served before, still loaded
         self.status = ReloadStatus()
         self._refused: Version | None = None  # verified bad, until the alias moves
         self._retry_at = 0.0  # after a transient failure: not before this (monotonic)
@@ -112,6 +114,8 @@ class Watcher:
             return
         if self.status.registry_reachable is False:
             log.info("registry reachable again")
+            # what failed while it was away is worth trying now, not after the backoff
+            self._retry_at, self._backoff = 0.0, self.poll_s
         self.status.registry_reachable, self.status.registry_error = True, None
         self.status.alias_version = target.version if target else None
         if target is None or target == self._serving():
@@ -121,6 +125,11 @@ class Watcher:
         if target != self._refused:
             self._refused = None
         if target == self._refused or time.monotonic() < self._retry_at:
+            return
+        previous = self._previous
+        if previous is not None and target == Version(previous.version, previous.run_id, ""):
+            # back to the one before (a rollback): already loaded and checked
+            self._swap(replace(previous, loaded_at=_now()), time.monotonic())
             return
         self._load(target)
 
@@ -144,15 +153,20 @@ class Watcher:
             self._fail(target, "failed", f"{type(exc).__name__}: {exc}")
             return
         self._retry_at, self._backoff = 0.0, self.poll_s
+        self._swap(Served(target.version, target.run_id, model, _now()), started)
+
+    def _swap(self, new: Served, started: float) -> None:
+        """Serve `new` from the next batch on; the model it replaces stays loaded, so
+        that moving the alias back (a rollback) swaps at once, with no download."""
         self.status.behind_since = None
-        previous = self.served.version if self.served else None
-        self.served = Served(target.version, target.run_id, model, _now())  # the swap
+        old, self.served = self.served, new  # the swap
+        self._previous = old
         self.status.reloads += 1
         took = time.monotonic() - started
-        reason = f"from v{previous}" if previous else "first model"
-        self._record(target.version, "loaded", reason, seconds=round(took, 3))
-        log.info("now serving version %s (was %s, in %.2f s)", target.version, previous, took)
-        self.on_reload("success", target.version)
+        reason = f"from v{old.version}" if old else "first model"
+        self._record(new.version, "loaded", reason, seconds=round(took, 3))
+        log.info("now serving version %s (%s, in %.2f s)", new.version, reason, took)
+        self.on_reload("success", new.version)
 
     def _fail(self, target: Version, outcome: str, reason: str) -> None:
         self.status.failures += 1

@@ -13,6 +13,8 @@ import io
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pandas as pd
 import psycopg2
@@ -130,13 +132,33 @@ def _payload(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _csv(df: pd.DataFrame, layout: str, bot_ids: dict[str, str]) -> io.StringIO:
+def _database_zone(cur) -> ZoneInfo:
+    """The database's TimeZone: the zone `DEFAULT now()` writes a naive column in."""
+    cur.execute("SHOW TimeZone")
+    name = cur.fetchone()[0]
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SeedError(
+            f"the database's TimeZone {name!r} is not a zone name this machine knows; "
+            "set it to one (ALTER DATABASE ... SET TimeZone = 'UTC')"
+        ) from None
+
+
+def _csv(
+    df: pd.DataFrame, layout: str, bot_ids: dict[str, str], zone: ZoneInfo | None = None
+) -> io.StringIO:
+    """Rows as CSV; `zone`: write times (UTC in `df`) as local times of that zone, for
+    a column without a time zone, as an application's `DEFAULT now()` would."""
     buf = io.StringIO()
     w = csv.writer(buf)
     for r in df.itertuples(index=False):
         reward = "" if pd.isna(r.reward) else f"{r.reward:.4f}"
         when = r.created_at.isoformat(sep=" ")
         if layout == "app":
+            if zone is not None:
+                local = r.created_at.replace(tzinfo=UTC).astimezone(zone).replace(tzinfo=None)
+                when = local.isoformat(sep=" ")
             # jsonb cannot hold a truncated document: keep it as a JSON string instead.
             inp = json.dumps(r.input)
             w.writerow([r.id, bot_ids[r.bot], r.data_type, inp, json.dumps(r.action), reward, when])
@@ -195,7 +217,8 @@ def seed(
             copy = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
                 sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, cols))
             )
-            cur.copy_expert(copy.as_string(conn), _csv(df, layout, bot_ids))
+            zone = _database_zone(cur) if layout == "app" else None
+            cur.copy_expert(copy.as_string(conn), _csv(df, layout, bot_ids, zone))
         return SeedResult(layout=layout, rows=len(df), bots=bot_ids)
     finally:
         conn.close()

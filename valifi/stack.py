@@ -312,6 +312,11 @@ def up(settings: Settings, with_apps: bool = False) -> list[ServiceStatus]:
     return out
 
 
+def start(settings: Settings, names: set[str]) -> list[ServiceStatus]:
+    """Start just the named services and apps (say {"mlflow"}) and wait until they answer."""
+    return _up(settings, [s for s in services(settings) + apps(settings) if s.name in names])
+
+
 def _up(settings: Settings, wanted: list[Service]) -> list[ServiceStatus]:
     # Start every service before waiting for any: their start-ups overlap.
     out, procs = [], []

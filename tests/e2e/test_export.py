@@ -8,6 +8,7 @@ import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pandas as pd
 import psycopg2
 import pyarrow.parquet as pq
 import pytest
@@ -222,3 +223,91 @@ def test_cli_export_and_validate(seeded, tmp_path):
         "export", "--out", str(tmp_path), "--min-rows", "100000", env={"DATABASE_URL": seeded}
     )
     assert small.returncode != 0 and "insufficient data" in small.stderr
+
+
+# Strings that CSV readers commonly take for NULL; all are real names here.
+NULL_LOOKING = ["NA", "null", "N/A", "None", "", "NaN", "NULL", "nan", "#N/A", "n/a"]
+
+
+def _messy_rows(url: str, layout: str, until: datetime) -> None:
+    """Rows as applications write them, in a database whose TimeZone is Asia/Tokyo and
+    whose DateStyle is not ISO: NULL-looking bot and data-type names, and rows just
+    inside and just outside the window's ends."""
+    db = url.rsplit("/", 1)[1]
+    _execute(url, f"ALTER DATABASE \"{db}\" SET TimeZone = 'Asia/Tokyo'")
+    _execute(url, f"ALTER DATABASE \"{db}\" SET DateStyle = 'SQL, DMY'")
+    since = until - timedelta(days=3)
+    times = [until - timedelta(seconds=1), since + timedelta(seconds=1), since - timedelta(hours=1)]
+    times += [until + timedelta(minutes=30), until - timedelta(hours=5)]
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:  # a session in Tokyo time
+        for i, name in enumerate(NULL_LOOKING):
+            when = times[i % len(times)]
+            payload = json.dumps({"task": name or "empty", "note": "null", "x": -0.0})
+            action = json.dumps({"action": name})
+            if layout == "app":
+                cur.execute(
+                    "INSERT INTO trading_bots (id, name, strategy) VALUES (%s, %s, 'grid')",
+                    (f"bot-{i}", name),
+                )
+                # a naive column holds Tokyo wall-clock time, as DEFAULT now() writes it
+                cur.execute(
+                    "INSERT INTO bot_training_data (id, bot_id, data_type, input, actual_output,"
+                    " reward, created_at) VALUES (%s, %s, %s, %s, %s, 0.5,"
+                    " (%s::timestamptz AT TIME ZONE 'Asia/Tokyo'))",
+                    (f"messy-{i}", f"bot-{i}", name, payload, action, when),
+                )
+            else:
+                cur.execute(
+                    'INSERT INTO bot_training_data ("botId", "dataType", input, "actualOutput",'
+                    ' reward, "createdAt") VALUES (%s, %s, %s, %s, 0.5, %s)',
+                    (name, name, payload, action, when),
+                )
+    conn.close()
+
+
+def test_null_looking_names_and_a_tokyo_database_export_exactly(
+    fresh_db, external_pg, layout, tmp_path
+):
+    url = fresh_db(external_pg)
+    until = datetime.now(UTC).replace(microsecond=0)
+    seed(url, 200, days=4, layout=layout, world=World(seed=3), end=until.replace(tzinfo=None))
+    _messy_rows(url, layout, until)
+    spec = ExportSpec(until=until, days=3, limit=100_000, min_rows=0)
+    m = Manifest.read(snap := export_snapshot(url, spec, tmp_path / "all"))
+    df = pq.read_table(snap / "data.parquet").to_pandas().set_index("id")
+
+    # the truth, from SQL in a session of its own (Tokyo time, as the database says)
+    if layout == "app":
+        truth_sql = (
+            "SELECT d.id::text, b.name, d.data_type FROM bot_training_data d"
+            " JOIN trading_bots b ON b.id = d.bot_id WHERE"
+            " (d.created_at AT TIME ZONE 'Asia/Tokyo') >= %(since)s"
+            " AND (d.created_at AT TIME ZONE 'Asia/Tokyo') < %(until)s"
+        )
+    else:
+        truth_sql = (
+            'SELECT id::text, "botId", "dataType" FROM bot_training_data'
+            ' WHERE "createdAt" >= %(since)s AND "createdAt" < %(until)s'
+        )
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(truth_sql, {"since": until - timedelta(days=3), "until": until})
+        truth = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
+    conn.close()
+
+    assert set(df.index) == set(truth)  # the window, whatever the server's zone and style
+    assert {i: (r.bot, r.data_type) for i, r in df.iterrows()} == truth  # names unchanged
+    assert m.rows == m.window_rows == len(truth) and not m.limit_cut
+    inside = {name for i, name in enumerate(NULL_LOOKING) if i % 5 in (0, 1, 4)}
+    assert inside <= set(df["bot"]) and not df["bot"].isna().any()
+    assert m.null_bot_rows == 0 and m.null_data_type_rows == 0
+    assert sum(m.bots.values()) == m.rows
+    created = df["created_at"].dt.tz_convert("UTC")
+    assert created.min() >= pd.Timestamp(until - timedelta(days=3))
+    assert created.max() < pd.Timestamp(until)
+    if layout == "app":
+        assert m.naive_timezone == "Asia/Tokyo"
+
+    cut = Manifest.read(
+        export_snapshot(url, spec.model_copy(update={"limit": 10}), tmp_path / "cut")
+    )
+    assert cut.rows == 10 and cut.window_rows == len(truth) and cut.limit_cut

@@ -45,6 +45,13 @@ def test_compose_commands_are_real_valifi_commands():
     assert {"seed-data", "deploy", "worker", "serve"} <= set(seen)
 
 
+def test_the_long_running_apps_are_restarted_when_they_exit():
+    """`valifi serve` exits 1 when an inference worker dies, trusting its supervisor."""
+    services = _compose()["services"]
+    for name in ("agent", "worker"):
+        assert services[name].get("restart") in ("always", "unless-stopped", "on-failure"), name
+
+
 def test_mlflow_folder_is_deployment_files_not_a_package():
     assert (ROOT / "mlflow" / "Dockerfile").is_file()
     assert (ROOT / "mlflow" / "entrypoint.sh").is_file()

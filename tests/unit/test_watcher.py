@@ -41,6 +41,25 @@ def test_a_failed_download_is_retried_on_later_polls_with_backoff(tmp_path):
     assert status["last_outcome"]["outcome"] == "retrying" and status["alias_version"] == "3"
 
 
+def test_the_registry_returning_ends_the_backoff():
+    """A download broke off as the registry went down; when it answers again the
+    version is fetched at the next poll, whatever the backoff had grown to."""
+    src = Source(Version("3", "run-a"), lambda v: (_ for _ in ()).throw(OSError("reset")))
+    w = Watcher(src.resolve, src.fetch, poll_s=60)
+    for _ in range(3):  # three failed downloads: the backoff is now 4 polls long
+        w._retry_at = 0.0
+        w.sync_once()
+    assert w._retry_at > time.monotonic() + 100
+    down = src.resolve
+    src.resolve = lambda: (_ for _ in ()).throw(ConnectionError("registry down"))
+    w.resolve = src.resolve
+    w.sync_once()
+    assert w.status.registry_reachable is False and len(src.fetches) == 3
+    w.resolve = down  # back
+    w.sync_once()
+    assert w.status.registry_reachable is True and len(src.fetches) == 4
+
+
 def test_a_verified_bad_version_is_refused_until_the_alias_moves(tmp_path):
     def junk(version):  # downloads fine, but is no loadable artifact
         folder = tmp_path / version.cache_key
@@ -59,6 +78,32 @@ def test_a_verified_bad_version_is_refused_until_the_alias_moves(tmp_path):
     src.target = Version("3", "run-b")
     w.sync_once()
     assert [v.run_id for v in src.fetches] == ["run-a", "run-b"]
+
+
+def test_moving_the_alias_back_swaps_at_once_without_a_reload(tmp_path, monkeypatch):
+    class Loaded:  # stands in for a loaded, checked model
+        def __init__(self, folder):
+            self.folder = folder
+
+        def to(self, device):
+            return self
+
+    monkeypatch.setattr("serving.watcher.load", lambda folder, verify: Loaded(folder))
+    src = Source(Version("1", "run-1"), lambda v: tmp_path / v.cache_key)
+    w = Watcher(src.resolve, src.fetch, poll_s=60)
+    w.sync_once()
+    first = w.served.model
+    src.target = Version("2", "run-2")
+    w.sync_once()
+    assert w.served.version == "2" and len(src.fetches) == 2
+    src.target = Version("1", "run-1")  # rollback
+    w.sync_once()
+    assert w.served.version == "1" and w.served.model is first
+    assert len(src.fetches) == 2  # nothing fetched or loaded again
+    assert w.status.last_outcome["reason"] == "from v2"
+    src.target = Version("1", "run-other")  # same number, another model: loaded afresh
+    w.sync_once()
+    assert len(src.fetches) == 3 and w.served.model is not first
 
 
 def test_versions_are_cached_by_version_and_run():

@@ -1,0 +1,37 @@
+"""The agent server's LitServe set-up with a model that does no work: the framework's
+ceiling for `bench/serve_bench.py`. Same request model and validation, workers,
+batching and middlewares as `valifi serve`; every execute answer is a constant.
+
+    python bench/noop_server.py HOST PORT    (with the environment `valifi serve` sets)
+"""
+
+# (No `from __future__ import annotations`: FastAPI needs decode_request's annotation
+# to be the class itself.)
+import sys
+from pathlib import Path
+
+import litserve as ls
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.settings import Settings
+from serving.api import serve
+from serving.requests import PredictRequest
+
+
+class NoopAPI(ls.LitAPI):
+    def setup(self, device):
+        self.answer = {"type": "execution", "status": "completed", "model_version": "0"}
+
+    def decode_request(self, request: PredictRequest) -> PredictRequest:
+        return request
+
+    def predict(self, batch):
+        return [self.answer for _ in batch]
+
+    def encode_response(self, output):
+        return output
+
+
+if __name__ == "__main__":
+    serve(Settings(), sys.argv[1], int(sys.argv[2]), NoopAPI)

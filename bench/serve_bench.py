@@ -1,0 +1,437 @@
+"""The agent server against `mlflow models serve` and against LitServe doing no work.
+
+    python bench/serve_bench.py [--seconds 5] [--rounds 2] [--concurrency 1,8,32]
+
+One command, one machine, one promoted version. It starts an MLflow server of its
+own, trains and promotes a small model, then starts side by side:
+
+- `valifi serve` with its defaults (2 workers, dynamic batching, the cores shared
+  out between the workers);
+- `mlflow models serve` of the same version with as many workers, as shipped (each
+  worker's torch on every core) and with `OMP_NUM_THREADS=1` (its best set-up here);
+- the same LitServe set-up (request model, workers, batching, middlewares) with a
+  no-op model that answers a constant: the framework's ceiling on this machine.
+
+A separate client process (asyncio, keep-alive connections) sends the same
+requests to each server in turn, round after round, so noise touches all alike:
+execute requests for the bots of the synthetic world (mlflow gets the same records
+in its `dataframe_records` form), and a mix of four executes to one info question
+(ours and the ceiling only: mlflow has no info answers). For each concurrency it
+prints req/s, p50 and p99 and the ratios. Targets with the defaults on 2 cores:
+>= 2.5x the better mlflow throughput at a p99 no higher than its, and >= 0.8x the
+no-op ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "valifi-agent-bench"
+INFO = [
+    "What is Valifi?",
+    "What is the system status?",
+    "List all agents",
+    "How do I roll back a model?",
+]
+
+
+# --- the load: a client process of its own --------------------------------------
+
+
+async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    import aiohttp
+
+    warmup = min(1.0, seconds / 4)
+    done: list[tuple[float, float, int]] = []
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.perf_counter()
+        begin, end = start + warmup, start + warmup + seconds
+
+        async def user(i: int) -> None:
+            k = i
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(
+                        url, data=bodies[k % len(bodies)], headers=headers
+                    ) as r:
+                        await r.read()
+                        code = r.status
+                except (aiohttp.ClientError, TimeoutError):
+                    code = 0
+                done.append((t0, time.perf_counter(), code))
+                k += concurrency
+
+        await asyncio.gather(*(user(i) for i in range(concurrency)))
+    window = [(t1 - t0, code) for t0, t1, code in done if begin <= t1 <= end]
+    lat = sorted(d for d, _ in window)
+    return {
+        "rps": len(window) / seconds,
+        "p50": 1000 * lat[len(lat) // 2] if lat else float("nan"),
+        "p99": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
+        "max": 1000 * lat[-1] if lat else float("nan"),
+        "n": len(window),
+        "all": len(done),
+        "failed": sum(1 for _, code in window if code != 200),
+    }
+
+
+def client(spec: dict) -> dict:
+    bodies = [json.dumps(b).encode() for b in spec["bodies"]]
+    return asyncio.run(_load(spec["url"], bodies, spec["concurrency"], spec["seconds"]))
+
+
+def run_client(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict:
+    spec = {"url": url, "bodies": bodies, "concurrency": concurrency, "seconds": seconds}
+    r = subprocess.run(
+        [sys.executable, __file__, "--client"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return json.loads(r.stdout)
+
+
+# --- set-up ---------------------------------------------------------------------
+
+
+def requests_for(n: int = 64) -> tuple[list[dict], list[dict], list[dict]]:
+    """(execute bodies, mlflow records of the same requests, mixed bodies)."""
+    from datetime import datetime
+
+    from model.synthetic import World
+
+    df = World(seed=7).generate(n, days=1, end=datetime(2026, 1, 1))
+    execute, records = [], []
+    for row in df.itertuples():
+        context = {k: v for k, v in row.input.items() if k != "task"}
+        context["data_type"] = row.data_type
+        one = {"task": row.input["task"], "agent_type": row.bot, "context": context}
+        execute.append({**one, "query_type": "execute"})
+        records.append({"dataframe_records": [one]})
+    mixed = []
+    for i, body in enumerate(execute):
+        mixed.append(body)
+        if i % 4 == 3:
+            mixed.append({"task": INFO[(i // 4) % len(INFO)]})
+    return execute, records, mixed
+
+
+def worst_cases(execute: dict) -> dict[str, dict]:
+    """Requests at the limits of what is accepted (under the 64 KiB default body)."""
+    base = {k: v for k, v in execute.items() if k != "context"}
+    ctx = execute["context"]
+    return {
+        "typical": execute,
+        "4000 values": {**base, "context": {**ctx, "v": list(range(3990))}},
+        "60 KB of text": {**base, "context": {**ctx, "note": "word " * 12000}},
+        "64 candidates": {
+            **base,
+            "context": {
+                **ctx,
+                "candidates": [{"action": f"a{i}", "x": "y" * 900} for i in range(64)],
+            },
+        },
+        "depth 16": {**base, "context": {**ctx, "d": _nested(14)}},
+    }
+
+
+def _nested(depth: int) -> dict:
+    doc: dict = {"leaf": 1.0}
+    for i in range(depth):
+        doc = {f"k{i}": doc, "pad": list(range(50))}
+    return doc
+
+
+def measure_worst(url: str, pid: int, execute: dict, seconds: float) -> None:
+    """One client sending one kind of request at a time: latency and server CPU each."""
+    print(
+        f"\n{'request (valifi serve, 1 client)':<34} {'bytes':>6} {'p50 ms':>7} {'max ms':>7} "
+        f"{'CPU ms/req':>11} {'status':>6}"
+    )
+    for name, body in worst_cases(execute).items():
+        before = cpu_seconds(pid)
+        r = run_client(url, [body], 1, seconds)
+        after = cpu_seconds(pid)
+        cpu = 1000 * sum(after[k] - before[k] for k in after) / max(1, r["all"])
+        status = "ok" if r["failed"] == 0 else f"{r['failed']} not 200"
+        print(
+            f"{name:<34} {len(json.dumps(body)):>6} {r['p50']:7.1f} {r['max']:7.1f} "
+            f"{cpu:11.2f} {status:>6}"
+        )
+
+
+def train_and_promote(uri: str, root: Path) -> str:
+    from core.registry import Registry
+    from tests.helpers import register_small
+
+    version = register_small(uri, MODEL, root, seed=1)
+    Registry(uri, MODEL).promote(version, "serving benchmark")
+    return version
+
+
+def wait_until(url: str, body: dict, deadline_s: float = 180) -> None:
+    import httpx
+
+    deadline, last = time.monotonic() + deadline_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(url, json=body, timeout=10)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:500]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not answer 200 within {deadline_s:.0f} s; last: {last}")
+
+
+def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            # mlflow runs `uvicorn` from PATH
+            env={
+                **os.environ,
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                **env,
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --- the run --------------------------------------------------------------------
+
+
+def servers(ports: dict[str, int], workers: int, data_dir: Path) -> dict[str, list]:
+    """name -> [command, extra environment, predict URL]."""
+    ours = {"VALIFI_MODEL_NAME": MODEL, "VALIFI_DATA_DIR": str(data_dir)}
+    mlflow_cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{MODEL}@Production",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-w",
+        str(workers),
+        "-p",
+    ]
+    url = "http://127.0.0.1:{}/{}".format
+    return {
+        "valifi serve": [
+            [sys.executable, "-m", "valifi.cli", "serve", "--port", str(ports["valifi serve"])],
+            ours,
+            url(ports["valifi serve"], "predict"),
+        ],
+        "mlflow models serve": [
+            [*mlflow_cmd, str(ports["mlflow models serve"])],
+            {},
+            url(ports["mlflow models serve"], "invocations"),
+        ],
+        "mlflow, 1 thread/worker": [
+            [*mlflow_cmd, str(ports["mlflow, 1 thread/worker"])],
+            {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+            url(ports["mlflow, 1 thread/worker"], "invocations"),
+        ],
+        "no-op LitServe": [
+            [
+                sys.executable,
+                str(ROOT / "bench" / "noop_server.py"),
+                "127.0.0.1",
+                str(ports["no-op LitServe"]),
+            ],
+            ours,
+            url(ports["no-op LitServe"], "predict"),
+        ],
+    }
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of a server's processes: the spawned workers, and the rest
+    (for LitServe the HTTP process and the queue manager; mlflow's uvicorn workers
+    answer HTTP and predict both)."""
+    import psutil
+
+    out = {"workers": 0.0, "rest": 0.0}
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t, cmd = proc.cpu_times(), " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        out["workers" if "spawn_main" in cmd else "rest"] += t.user + t.system
+    return out
+
+
+def measure(args, table: dict, started: dict, bodies: dict, procs: dict) -> None:
+    for mix in ("execute", "mixed"):
+        for c in args.concurrency:
+            for _ in range(args.rounds):
+                for name, (_, _, url) in started.items():
+                    mlflow = name.startswith("mlflow")
+                    if mix == "mixed" and mlflow:
+                        continue
+                    which = "records" if mlflow else mix
+                    before = cpu_seconds(procs[name].pid)
+                    r = run_client(url, bodies[which], c, args.seconds)
+                    after = cpu_seconds(procs[name].pid)
+                    for role in before:  # CPU ms per request, warm-up included
+                        r[f"cpu_{role}"] = 1000 * (after[role] - before[role]) / max(1, r["all"])
+                    table.setdefault((mix, c, name), []).append(r)
+                    print(
+                        f"  {mix:<8} c={c:<3} {name:<24} {r['rps']:7.1f} req/s "
+                        f"p50 {r['p50']:6.1f} ms p99 {r['p99']:6.1f} ms failed {r['failed']} "
+                        f"CPU/req {r['cpu_workers']:.2f} + {r['cpu_rest']:.2f} ms",
+                        flush=True,
+                    )
+
+
+def combine(runs: list[dict]) -> dict:
+    """Rounds of one cell: median req/s and latencies, failures added up."""
+    return {
+        "rps": statistics.median(r["rps"] for r in runs),
+        "p50": statistics.median(r["p50"] for r in runs),
+        "p99": statistics.median(r["p99"] for r in runs),
+        "failed": sum(r["failed"] for r in runs),
+        "cpu": statistics.median(r["cpu_workers"] + r["cpu_rest"] for r in runs),
+        "cpu_workers": statistics.median(r["cpu_workers"] for r in runs),
+    }
+
+
+NAMES = ("valifi serve", "mlflow models serve", "mlflow, 1 thread/worker", "no-op LitServe")
+
+
+def report(table: dict, concurrency: list[int]) -> bool:
+    cells = {k: combine(v) for k, v in table.items()}
+    print(
+        f"\n{'mix':<8} {'conc':>4}  {'server':<24} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'failed':>6} {'CPU ms/req':>11}  {'vs mlflow':>9} {'vs no-op':>8}"
+    )
+    met = True
+    for mix in ("execute", "mixed"):
+        for c in concurrency:
+            ours, noop = cells[(mix, c, "valifi serve")], cells[(mix, c, "no-op LitServe")]
+            ml = [cells[(mix, c, n)] for n in NAMES[1:3] if (mix, c, n) in cells]
+            best = max(ml, key=lambda r: r["rps"]) if ml else None
+            for name in NAMES:
+                if (mix, c, name) not in cells:
+                    continue
+                r = cells[(mix, c, name)]
+                cpu = f"{r['cpu']:.2f}" + (
+                    f" ({r['cpu_workers']:.2f})" if not name.startswith("mlflow") else ""
+                )
+                vs_ml = f"{r['rps'] / best['rps']:.2f}x" if best else "n/a"
+                print(
+                    f"{mix:<8} {c:>4}  {name:<24} {r['rps']:7.1f} {r['p50']:7.1f} "
+                    f"{r['p99']:7.1f} {r['failed']:>6} {cpu:>11}  {vs_ml:>9} "
+                    f"{r['rps'] / noop['rps']:>7.2f}x"
+                )
+            if best and c > 1:
+                ok = (
+                    ours["rps"] >= 2.5 * best["rps"]
+                    and ours["p99"] <= best["p99"]
+                    and ours["rps"] >= 0.8 * noop["rps"]
+                )
+                met &= ok
+                print(
+                    f"{'':<14}targets (>= 2.5x the better mlflow at p99 <= its, >= 0.8x no-op): "
+                    f"{'met' if ok else 'NOT met'}"
+                )
+            met &= ours["failed"] == 0
+    print(
+        "\nCPU ms/req: all the server's processes over the client run, per request; in\n"
+        "brackets the inference workers' share (the rest: HTTP process and queue manager)."
+    )
+    return met
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell")
+    p.add_argument("--rounds", type=int, default=2, help="passes over every server")
+    p.add_argument("--concurrency", default="1,8,32", help="client connections, comma-separated")
+    p.add_argument("--workers", type=int, default=2, help="mlflow workers (ours: its default)")
+    p.add_argument("--worst-only", action="store_true", help="only the requests at the limits")
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.client:
+        print(json.dumps(client(json.loads(sys.stdin.read()))))
+        return 0
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+
+    # an MLflow server and data folder of this run's own (set by importing the helpers)
+    from core.settings import Settings
+    from tests.helpers import _SESSION_DIR, STACK_ENV, free_port
+    from valifi import stack
+
+    settings = Settings(_env_file=None)
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        stack.start(settings, {"mlflow"})
+        uri = STACK_ENV["MLFLOW_TRACKING_URI"]
+        print(f"training and promoting a model in {uri} ...", flush=True)
+        version = train_and_promote(uri, _SESSION_DIR / "train")
+        execute, records, mixed = requests_for()
+        bodies = {"execute": execute, "records": records, "mixed": mixed}
+        ports = {n: free_port() for n in NAMES}
+        started = servers(ports, args.workers, _SESSION_DIR / "serve")
+        logs = _SESSION_DIR / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for name, (cmd, env, _) in started.items():
+            procs[name] = start(cmd, env, logs / f"{ports[name]}.log")
+        for name, (_, _, url) in started.items():
+            wait_until(url, records[0] if name.startswith("mlflow") else execute[0])
+        print(f"v{version} served by every server; cores: {os.cpu_count()}", flush=True)
+        ours = "valifi serve"
+        if not args.worst_only:
+            table: dict = {}
+            measure(args, table, started, bodies, procs)
+            met = report(table, args.concurrency)
+            print(f"\ntargets {'met' if met else 'NOT met'}")
+        measure_worst(started[ours][2], procs[ours].pid, execute[0], args.seconds)
+        return 0
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        stack.down(settings)
+        if not os.environ.get("VALIFI_KEEP_BENCH_DATA"):
+            shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
