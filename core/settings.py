@@ -41,6 +41,7 @@ class ExportSpec(BaseModel):
     # The zone a `timestamp without time zone` column's values are in. None: the
     # database's own TimeZone setting (what `DEFAULT now()` wrote them in).
     naive_timezone: str | None = None
+    max_payload_bytes: int = 4 << 20  # a larger input or output payload is set aside
 
     def window(self) -> tuple[datetime, datetime]:
         until = self.until or datetime.now(UTC)

@@ -7,9 +7,14 @@ grows. The snapshot folder is written under a temporary name and renamed only
 when complete: a failed export leaves nothing behind.
 
     SNAPSHOT/
-      data.parquet    id, bot_id, bot, data_type, input, input_ok, action,
-                      action_ok, reward, created_at (UTC)
-      manifest.json   counts, window, watermark, layout, query, sha256
+      data.parquet        id, bot_id, bot, data_type, input, input_ok, action,
+                          action_ok, reward, created_at (UTC)
+      quarantine.parquet  id, column, reason: each payload that cannot be used (not
+                          JSON, not an object, a number outside float range, over
+                          the size limit, NULL); its row stays in data.parquet with
+                          its *_ok flag false, and validation judges the share
+      manifest.json       counts, window and what it held, watermark, layout, query,
+                          sha256, quarantined payloads by reason
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,6 +42,10 @@ from flows.source import detect, export_query, parsed_by_server, window_count_qu
 
 MANIFEST = "manifest.json"
 DATA = "data.parquet"
+QUARANTINE = "quarantine.parquet"  # rows whose payload cannot be used: id, column, reason
+QUARANTINE_SCHEMA = pa.schema(
+    [("id", pa.string()), ("column", pa.string()), ("reason", pa.string())]
+)
 FORMAT_VERSION = 1
 
 SCHEMA = pa.schema(
@@ -84,6 +93,9 @@ class Manifest:
     null_bot_rows: int = 0  # rows without a bot or data type (validation fails them)
     null_data_type_rows: int = 0
     naive_timezone: str | None = None  # the zone a column without one was read in
+    # payloads that cannot be used, by column and reason (each row listed in QUARANTINE)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    trainable_rows: int = 0  # scored, input and action readable: what min_rows counts
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -93,15 +105,22 @@ class Manifest:
         return cls(**json.loads((Path(snapshot) / MANIFEST).read_text()))
 
 
-def canonical(text: str | None) -> tuple[str | None, bool]:
-    """(canonical JSON, is an object) of a payload; text that is not JSON comes back as is."""
+def read_payload(text: str | None, max_bytes: int) -> tuple[str | None, bool, str | None]:
+    """(canonical JSON, or the text as is; is a JSON object; why it cannot be used)."""
     if text is None:
-        return None, False
+        return None, False, "NULL"
+    if len(text) > max_bytes // 4 and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        return text, False, f"over {max_bytes} bytes"
     try:
         value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text, False
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode(), isinstance(value, dict)
+    except orjson.JSONDecodeError as exc:
+        if "infinity" in str(exc):
+            return text, False, "a number outside the float range"
+        return text, False, f"not JSON: {exc}"[:300]
+    out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    if not isinstance(value, dict):
+        return out, False, f"JSON {type(value).__name__}, not an object"
+    return out, True, None
 
 
 def _false_count(col: pa.ChunkedArray) -> int:
@@ -112,13 +131,19 @@ def _false_count(col: pa.ChunkedArray) -> int:
 class _ChunkWriter:
     """Receives the COPY stream; parses and writes it to Parquet chunk by chunk."""
 
-    def __init__(self, path: Path, chunk_bytes: int, canonicalize: dict[str, bool]):
+    def __init__(
+        self, folder: Path, chunk_bytes: int, canonicalize: dict[str, bool], max_payload: int
+    ):
         self.blocks: list[bytes] = []
         self.pending = 0
         self.chunk_bytes = chunk_bytes
         self.canonicalize = canonicalize  # payload column -> parse it here
+        self.max_payload = max_payload
+        # rows whose payload cannot be used (id, column, reason), chunk by chunk
+        self.quarantine = pq.ParquetWriter(folder / QUARANTINE, QUARANTINE_SCHEMA)
+        self.reasons: dict[str, int] = {}
         self.sha = hashlib.sha256()
-        self.writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
+        self.writer = pq.ParquetWriter(folder / DATA, SCHEMA, compression="zstd")
         self.stats = {
             "rows": 0,
             "null_reward": 0,
@@ -126,6 +151,7 @@ class _ChunkWriter:
             "bad_action": 0,
             "null_bot": 0,
             "null_data_type": 0,
+            "trainable": 0,
         }
         self.bots: dict[str, int] = {}
         self.data_types: dict[str, int] = {}
@@ -174,15 +200,34 @@ class _ChunkWriter:
         table = table.set_column(
             9, "created_at", table["created_at"].cast(pa.timestamp("us", tz="UTC"))
         )
-        for col, ok_col in (("input", "input_ok"), ("action", "action_ok")):
-            if self.canonicalize[col]:
-                pairs = [canonical(v) for v in table[col].to_pylist()]
-                i = SCHEMA.get_field_index(col)
-                table = table.set_column(i, col, pa.array([p[0] for p in pairs], pa.string()))
-                ok = pa.array([p[1] for p in pairs], pa.bool_())
-                table = table.set_column(i + 1, ok_col, ok)
+        for col in ("input", "action"):
+            table = self._read_payloads(table, col)
         self._count(table)
         self.writer.write_table(table)
+
+    def _read_payloads(self, table: pa.Table, col: str) -> pa.Table:
+        """Canonical JSON for the rows the server did not parse (all of them when it
+        parses none); each row that still cannot be used is listed with its reason."""
+        i = SCHEMA.get_field_index(col)
+        texts, oks = table[col].to_pylist(), table[i + 1].to_pylist()
+        todo = (
+            range(len(texts))
+            if self.canonicalize[col]
+            else [j for j, ok in enumerate(oks) if not ok]
+        )
+        if not todo:
+            return table
+        ids, aside = table["id"].to_pylist(), []
+        for j in todo:
+            texts[j], oks[j], why = read_payload(texts[j], self.max_payload)
+            if why is not None:
+                aside.append({"id": ids[j], "column": col, "reason": why})
+                kind = f"{col}: {why.split(':')[0]}"
+                self.reasons[kind] = self.reasons.get(kind, 0) + 1
+        if aside:
+            self.quarantine.write_table(pa.Table.from_pylist(aside, schema=QUARANTINE_SCHEMA))
+        table = table.set_column(i, col, pa.array(texts, pa.string()))
+        return table.set_column(i + 1, SCHEMA.names[i + 1], pa.array(oks, pa.bool_()))
 
     def _count(self, t: pa.Table) -> None:
         s = self.stats
@@ -190,6 +235,8 @@ class _ChunkWriter:
         s["null_reward"] += t["reward"].null_count
         s["bad_input"] += _false_count(t["input_ok"])
         s["bad_action"] += _false_count(t["action_ok"])
+        usable = pc.and_(pc.is_valid(t["reward"]), pc.and_(t["input_ok"], t["action_ok"]))
+        s["trainable"] += pc.sum(pc.fill_null(usable, False)).as_py() or 0
         for key, counts in (("bot", self.bots), ("data_type", self.data_types)):
             s[f"null_{key}"] += t[key].null_count
             for v in pc.value_counts(t[key].drop_null()).to_pylist():
@@ -212,23 +259,27 @@ class _ChunkWriter:
         finally:
             self.inflight = None
             self.pool.shutdown()
-            if self.writer.is_open:
-                self.writer.close()
+            for writer in (self.writer, self.quarantine):
+                if writer.is_open:
+                    writer.close()
 
 
 def export_snapshot(url: str, spec: ExportSpec, out_root: Path) -> Path:
     """Export one snapshot under `out_root`; returns its folder.
 
     Raises InsufficientData (and leaves no snapshot) when fewer than
-    `spec.min_rows` rows fall in the window.
+    `spec.min_rows` trainable rows (scored, payloads readable) fall in the window.
     """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-snapshot-", dir=out_root))
     try:
         manifest = _export_into(url, spec, tmp)
-        if manifest.rows < spec.min_rows:
-            raise InsufficientData(f"insufficient data: {manifest.rows} < {spec.min_rows}")
+        if manifest.trainable_rows < spec.min_rows:
+            raise InsufficientData(
+                f"insufficient data: {manifest.trainable_rows} trainable rows (scored, with "
+                f"readable payloads) of {manifest.rows} exported < {spec.min_rows}"
+            )
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         final = out_root / f"{stamp}-{manifest.sha256[:12]}"
         os.rename(tmp, final)  # atomic on one filesystem: the snapshot appears whole
@@ -257,12 +308,13 @@ def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
             window_rows = cur.fetchone()[0]
             select = export_query(src, version).as_string(conn)
             sink = _ChunkWriter(
-                folder / DATA,
+                folder,
                 spec.chunk_bytes,
                 {
                     "input": not parsed_by_server(src, "input", version),
                     "action": not parsed_by_server(src, "output", version),
                 },
+                spec.max_payload_bytes,
             )
             try:
                 with cur.copy(f"COPY ({select}) TO STDOUT WITH (FORMAT csv)", params) as copy:
@@ -304,6 +356,8 @@ def _manifest(src, spec, select, sink, since, until) -> Manifest:
         bots=dict(sorted(sink.bots.items())),
         data_types=dict(sorted(sink.data_types.items())),
         exported_at=datetime.now(UTC).isoformat(),
+        quarantined=dict(sorted(sink.reasons.items())),
+        trainable_rows=s["trainable"],
         null_bot_rows=s["null_bot"],
         null_data_type_rows=s["null_data_type"],
     )

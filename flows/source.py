@@ -123,23 +123,31 @@ def parsed_by_server(src: Source, role: str, server_version: int) -> bool:
 def _payload(src: Source, role: str, server_version: int) -> tuple[sql.Composable, sql.Composable]:
     """(canonical text, is a JSON object) of a payload column.
 
-    jsonb's text form is canonical (keys ordered, whitespace normalised). Text
-    columns are parsed by the server where it can test them first (`IS JSON`,
-    PostgreSQL 16+); elsewhere they are exported raw and parsed by the exporter.
+    jsonb's text form is canonical (keys ordered, whitespace normalised). json and
+    text columns are cast to jsonb by the server where that cannot fail: they hold
+    JSON (`json`, or text passing `IS JSON` on PostgreSQL 16+) and no \\u0000 escape,
+    which jsonb cannot store. Every other row comes out as its text with the flag
+    false, and the exporter reads it itself (and sets it aside if it cannot).
     """
     col = sql.SQL("t.") + sql.Identifier(src.columns[role])
     kind = src.types[role]
-    if kind in ("jsonb", "json"):
-        return (
-            sql.SQL("{}::jsonb::text").format(col),
-            sql.SQL(kind + "_typeof({}) = 'object'").format(col),
-        )
-    if server_version >= 160000:
-        return (
-            sql.SQL("CASE WHEN {c} IS JSON THEN {c}::jsonb::text ELSE {c}::text END").format(c=col),
-            sql.SQL("({} IS JSON OBJECT)").format(col),
-        )
-    return col + sql.SQL("::text"), sql.SQL("NULL::boolean")
+    if kind == "jsonb":
+        return sql.SQL("{}::text").format(col), sql.SQL("jsonb_typeof({}) = 'object'").format(col)
+    no_nul = sql.SQL("strpos({}::text, '\\u0000') = 0").format(col)
+    if kind == "json":
+        castable = no_nul
+        is_object = sql.SQL("json_typeof({}) = 'object'").format(col)
+    elif server_version >= 160000:
+        castable = sql.SQL("{} IS JSON AND {}").format(col, no_nul)
+        is_object = sql.SQL("{} IS JSON OBJECT").format(col)
+    else:
+        return col + sql.SQL("::text"), sql.SQL("NULL::boolean")
+    return (
+        sql.SQL("CASE WHEN {ok} THEN {c}::jsonb::text ELSE {c}::text END").format(
+            ok=castable, c=col
+        ),
+        sql.SQL("({ok} AND {obj})").format(ok=castable, obj=is_object),
+    )
 
 
 def _in_window(src: Source, created: sql.Composable) -> sql.Composed:

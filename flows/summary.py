@@ -48,6 +48,12 @@ def _window_rows(snap: dict) -> object:
     return f"{held} (cut to the newest {snap.get('limit')} by VALIFI_EXPORT_LIMIT)"
 
 
+def _aside(quarantined: dict | None) -> object:
+    if not quarantined:
+        return 0 if quarantined is not None else None
+    return "; ".join(f"{k} {v}" for k, v in quarantined.items()) + " (quarantine.parquet)"
+
+
 def render(s: dict) -> str:
     """Markdown for the Prefect UI from the pieces a run gathered (any may be missing)."""
     out = [f"# train: {s.get('decision', 'unknown')}", ""]
@@ -59,6 +65,8 @@ def render(s: dict) -> str:
                     ("rows", snap.get("rows")),
                     ("rows in the window", _window_rows(snap)),
                     ("unscored rows", snap.get("null_reward_rows")),
+                    ("trainable rows", snap.get("trainable_rows")),
+                    ("payloads set aside", _aside(snap.get("quarantined"))),
                     ("window", f"{snap['window']['since']} → {snap['window']['until']}"),
                     ("newest row", snap.get("watermark")),
                     ("source layout", snap.get("layout")),

@@ -104,6 +104,7 @@ class Featurizer:
         self.words = words
         self.max_len = max_len
         self._word_cache: dict[str, list[int]] = {}
+        self.missing_numbers = 0  # when built: numbers in its rows taken as missing
 
     # -- building --
     @classmethod
@@ -118,14 +119,17 @@ class Featurizer:
         path_counts: Counter[str] = Counter()
         values: dict[str, list[float]] = {}
         texts: list[str] = []
+        missing = 0
         for bot, data_type, x, action in rows:
             ctx, act = _pair_leaves(bot, data_type, x, action)
             for path, v in ctx + act:
                 path_counts[path] += 1
                 if _is_number(v):
                     values.setdefault(path, []).append(float(v))
-                elif not _is_numeric(v):  # a number out of range is missing, not text
+                elif not _is_numeric(v):
                     texts.append(_text(v))
+                else:  # NaN, infinite or beyond float range: missing, not text
+                    missing += 1
         kept = sorted(p for p, c in path_counts.items() if c >= min_count)
         paths = {p: len(SPECIALS) + i for i, p in enumerate(kept)}
         stats = {p: (float(np.mean(v)), float(np.std(v)) or 1.0) for p, v in values.items()}
@@ -139,7 +143,9 @@ class Featurizer:
             show_progress=False,
         )
         words.train_from_iterator(texts, trainer=trainer)
-        return cls(paths, stats, words, max_len)
+        featurizer = cls(paths, stats, words, max_len)
+        featurizer.missing_numbers = missing  # reported in the training metrics
+        return featurizer
 
     @property
     def word_offset(self) -> int:

@@ -171,6 +171,8 @@ def _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds) -> TrainR
         "train_seconds": seconds,
         "samples_per_s": samples / seconds if seconds else 0.0,
         "best_val_loss": float(trainer.checkpoint_callback.best_model_score),
+        # numbers in the training rows that were NaN, infinite or beyond float range
+        "missing_numbers": data.featurizer.missing_numbers,
     }
     manifest = json.loads((args.snapshot / "manifest.json").read_text())
     config = {

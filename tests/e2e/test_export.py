@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import warnings
 from datetime import UTC, datetime, timedelta
@@ -140,12 +142,25 @@ def test_clean_snapshot_passes_and_other_limits_are_enforced(seeded, tmp_path):
 def test_empty_and_too_small_tables(fresh_db, external_pg, tmp_path):
     url = fresh_db(external_pg)
     seed(url, 42, world=World(seed=3), end=NOW, days=6)
-    with pytest.raises(InsufficientData, match=r"insufficient data: 42 < 100"):
+    with pytest.raises(
+        InsufficientData, match=r"insufficient data: 42 trainable rows .* of 42 exported < 100"
+    ):
         export_snapshot(url, ExportSpec(), tmp_path)
     _execute(url, "DELETE FROM bot_training_data")
-    with pytest.raises(InsufficientData, match=r"insufficient data: 0 < 100"):
+    with pytest.raises(
+        InsufficientData, match=r"insufficient data: 0 trainable rows .* of 0 exported < 100"
+    ):
         export_snapshot(url, ExportSpec(), tmp_path)
     assert list(tmp_path.iterdir()) == []  # no snapshot, no temporary folder
+
+
+def test_the_minimum_counts_trainable_rows_not_raw_ones(fresh_db, external_pg, tmp_path):
+    url = fresh_db(external_pg)
+    seed(url, 130, world=World(seed=3), end=NOW, days=6, bad=BadRows(null_reward=0.4))
+    with pytest.raises(InsufficientData, match=r"insufficient data: \d+ trainable .* of 130 "):
+        export_snapshot(url, ExportSpec(), tmp_path)
+    m = Manifest.read(export_snapshot(url, ExportSpec(min_rows=10), tmp_path))
+    assert m.rows == 130 and m.trainable_rows == 130 - m.null_reward_rows < 100
 
 
 def test_malicious_table_name_is_quoted_not_executed(fresh_db, external_pg, tmp_path):
@@ -311,3 +326,79 @@ def test_null_looking_names_and_a_tokyo_database_export_exactly(
         export_snapshot(url, spec.model_copy(update={"limit": 10}), tmp_path / "cut")
     )
     assert cut.rows == 10 and cut.window_rows == len(truth) and cut.limit_cut
+
+
+# (payload as the application stored it, exported unchanged?) for the "design" layout's
+# text column; the app layout's jsonb cannot hold what it refuses (NUL, invalid JSON)
+PAYLOADS = [
+    ('{"task": "emoji \U0001f680 and \u05e9\u05dc\u05d5\u05dd", "x": -0}', True),
+    ('{"task": "nul \\u0000 inside", "x": 1}', True),
+    ('{"task": "deep", "d": ' + '{"a": ' * 60 + "1" + "}" * 60 + "}", True),
+    ('{"task": "big", "blob": "' + "x" * 1_000_000 + '"}', True),
+    # valid JSON; jsonb holds it (exported as is), a float cannot (set aside)
+    ('{"task": "huge int", "n": 1' + "0" * 400 + "}", None),
+    ('{"task": "cut off", "x": ', False),
+    ("[1, 2, 3]", False),
+    ("NA", False),
+]
+
+
+@pytest.mark.parametrize("server", ["external_pg", "embedded_pg"])  # 15: we parse; 16: it does
+def test_unreadable_payloads_are_set_aside_with_reasons_and_the_rest_exported_unchanged(
+    fresh_db, server, request, tmp_path
+):
+    url = fresh_db(request.getfixturevalue(server))
+    until = datetime.now(UTC).replace(microsecond=0)
+    seed(url, 150, days=2, layout="design", world=World(seed=8), end=until.replace(tzinfo=None))
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        for text, _ in PAYLOADS:
+            cur.execute(
+                'INSERT INTO bot_training_data ("botId", "dataType", input, "actualOutput",'
+                " reward, \"createdAt\") VALUES ('trading_advanced', 'market_data', %s,"
+                ' \'{"action": "hold"}\', 0.1, %s) RETURNING id',
+                (text, until - timedelta(minutes=5)),
+            )
+        cur.execute("SELECT id::text, input FROM bot_training_data")
+        stored = dict(cur.fetchall())
+    conn.close()
+    snap = export_snapshot(url, ExportSpec(until=until, days=3, min_rows=0), tmp_path)
+    m = Manifest.read(snap)
+    df = pq.read_table(snap / "data.parquet").to_pandas().set_index("id")
+    aside = pq.read_table(snap / "quarantine.parquet").to_pandas()
+
+    assert set(df.index) == set(stored) and m.rows == len(stored)  # nothing dropped
+    by_text = {t: ok for t, ok in PAYLOADS}
+    reasons = dict(zip(aside["id"], aside["reason"], strict=True))
+    for row_id, text in stored.items():
+        must_export = by_text.get(text, True)
+        if df.loc[row_id, "input_ok"]:  # exported: the same JSON value, canonical
+            assert must_export is not False, text[:80]
+            assert json.loads(df.loc[row_id, "input"]) == json.loads(text)
+            assert row_id not in reasons
+        else:  # set aside with its reason, its row kept and flagged
+            assert must_export is not True and row_id in reasons, text[:80]
+    ids = {text: i for i, text in stored.items()}
+    assert reasons.get(ids[PAYLOADS[4][0]], "a number outside the float range") == (
+        "a number outside the float range"
+    )
+    assert reasons[ids[PAYLOADS[5][0]]].startswith("not JSON")
+    assert reasons[ids[PAYLOADS[6][0]]] == "JSON list, not an object"
+    assert reasons[ids["NA"]].startswith("not JSON")
+    assert m.quarantined == {
+        "input: JSON list, not an object": 1,
+        "input: not JSON": 2,
+    } | ({"input: a number outside the float range": 1} if len(reasons) == 4 else {})
+    assert m.bad_input_rows == len(reasons) and len(aside) == len(reasons)
+    # validation judges the share with its existing limit
+    result = validate_snapshot(snap, ValidationSpec(max_bad_payload_fraction=0.01), min_rows=0)
+    assert not result.success
+    assert any(f.column == "input_ok" for f in result.failures)
+    # and training takes the snapshot as it is (what was exported, NUL, -0, deep, 1 MB,
+    # and on PostgreSQL 16 the integer beyond float range too)
+    out = tmp_path / "train"
+    cmd = [sys.executable, "-m", "model.train", "--snapshot", str(snap), "--out", str(out)]
+    r = subprocess.run(
+        [*cmd, "--max-epochs", "1", "--no-progress"], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "result.json").read_text())["metrics"]["train_rows"] > 0

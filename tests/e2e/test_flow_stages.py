@@ -41,7 +41,10 @@ def test_too_little_data_ends_as_skipped(flow_db):
     seed(flow_db, 42, world=World(seed=1), end=NOW, days=6)
     state = train(return_state=True)
     assert state.is_completed() and state.name == "Skipped"
-    assert state.message == "skipped: insufficient data: 42 < 100"
+    assert state.message == (
+        "skipped: insufficient data: 42 trainable rows (scored, with readable payloads) "
+        "of 42 exported < 100"
+    )
     runs = _task_runs(state.state_details.flow_run_id)
     assert set(runs) == {"superseded", "export"}  # validation never ran
 

@@ -188,7 +188,7 @@ def test_invalid_data_stops_before_training_and_registers_nothing(
     seed(small, 30, world=World(seed=3), end=NOW, days=6)
     monkeypatch.setenv("DATABASE_URL", small)
     state = _run()
-    assert state.name == "Skipped" and "insufficient data: 30 < 100" in state.message
+    assert state.name == "Skipped" and "insufficient data: 30 trainable rows" in state.message
     assert len(_versions(mlflow_client)) == count
 
 

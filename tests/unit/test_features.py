@@ -97,6 +97,16 @@ def test_tokens_are_bounded_and_numbers_out_of_range_are_missing():
     assert all(t[2] == 0.0 and t[1] == 0.0 for t in big[:3])  # path token only, no value
 
 
+def test_building_on_rows_with_numbers_beyond_float_range_counts_them_as_missing():
+    rows = [
+        ("bot", "market_data", {"x": float(i), "big": 10**400, "inf": float("inf")}, {"a": "b"})
+        for i in range(30)
+    ]
+    fz = Featurizer.build(rows, max_len=32)  # no OverflowError
+    assert fz.missing_numbers == 60
+    assert "in.big" not in fz.num_stats and fz.num_stats["in.x"][0] == 14.5
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     x=st.dictionaries(
