@@ -124,8 +124,8 @@ def read_payload(text: str | None, max_bytes: int) -> tuple[str | None, bool, st
 
 
 def _false_count(col: pa.ChunkedArray) -> int:
-    """Rows where a boolean column is false or null."""
-    return len(col) - (pc.sum(pc.fill_null(col, False)).as_py() or 0)
+    """Rows where a boolean column is false or null (the sum counts the trues only)."""
+    return len(col) - (pc.sum(col).as_py() or 0)
 
 
 class _ChunkWriter:
@@ -209,25 +209,35 @@ class _ChunkWriter:
         """Canonical JSON for the rows the server did not parse (all of them when it
         parses none); each row that still cannot be used is listed with its reason."""
         i = SCHEMA.get_field_index(col)
-        texts, oks = table[col].to_pylist(), table[i + 1].to_pylist()
-        todo = (
-            range(len(texts))
-            if self.canonicalize[col]
-            else [j for j, ok in enumerate(oks) if not ok]
-        )
-        if not todo:
-            return table
-        ids, aside = table["id"].to_pylist(), []
-        for j in todo:
-            texts[j], oks[j], why = read_payload(texts[j], self.max_payload)
-            if why is not None:
-                aside.append({"id": ids[j], "column": col, "reason": why})
-                kind = f"{col}: {why.split(':')[0]}"
-                self.reasons[kind] = self.reasons.get(kind, 0) + 1
+        if self.canonicalize[col]:
+            mask = None
+            texts = table[col].to_pylist()
+            ids = table["id"].to_pylist()
+        else:
+            mask = pc.invert(pc.fill_null(table[i + 1], False)).combine_chunks()
+            rows = pc.indices_nonzero(mask)
+            if len(rows) == 0:
+                return table  # the server read every one: nothing to convert
+            texts = table[col].take(rows).to_pylist()
+            ids = table["id"].take(rows).to_pylist()
+        read = [read_payload(text, self.max_payload) for text in texts]
+        aside = [
+            {"id": row_id, "column": col, "reason": why}
+            for row_id, (_, _, why) in zip(ids, read, strict=True)
+            if why is not None
+        ]
+        for a in aside:
+            kind = f"{col}: {a['reason'].split(':')[0]}"
+            self.reasons[kind] = self.reasons.get(kind, 0) + 1
         if aside:
             self.quarantine.write_table(pa.Table.from_pylist(aside, schema=QUARANTINE_SCHEMA))
-        table = table.set_column(i, col, pa.array(texts, pa.string()))
-        return table.set_column(i + 1, SCHEMA.names[i + 1], pa.array(oks, pa.bool_()))
+        new_texts = pa.array([r[0] for r in read], pa.string())
+        new_oks = pa.array([r[1] for r in read], pa.bool_())
+        if mask is not None:  # only the rows the server left: put them back in place
+            new_texts = pc.replace_with_mask(table[col].combine_chunks(), mask, new_texts)
+            new_oks = pc.replace_with_mask(table[i + 1].combine_chunks(), mask, new_oks)
+        table = table.set_column(i, col, new_texts)
+        return table.set_column(i + 1, SCHEMA.names[i + 1], new_oks)
 
     def _count(self, t: pa.Table) -> None:
         s = self.stats
@@ -236,7 +246,7 @@ class _ChunkWriter:
         s["bad_input"] += _false_count(t["input_ok"])
         s["bad_action"] += _false_count(t["action_ok"])
         usable = pc.and_(pc.is_valid(t["reward"]), pc.and_(t["input_ok"], t["action_ok"]))
-        s["trainable"] += pc.sum(pc.fill_null(usable, False)).as_py() or 0
+        s["trainable"] += pc.sum(usable).as_py() or 0  # (null counts as not)
         for key, counts in (("bot", self.bots), ("data_type", self.data_types)):
             s[f"null_{key}"] += t[key].null_count
             for v in pc.value_counts(t[key].drop_null()).to_pylist():
