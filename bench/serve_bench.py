@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -221,16 +220,6 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
         )
 
 
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 # --- the run --------------------------------------------------------------------
 
 
@@ -396,7 +385,7 @@ def main() -> int:
 
     # an MLflow server and data folder of this run's own (set by importing the helpers)
     from core.settings import Settings
-    from tests.helpers import _SESSION_DIR, STACK_ENV, free_port
+    from tests.helpers import _SESSION_DIR, STACK_ENV, free_port, stop_server
     from valifi import stack
 
     settings = Settings(_env_file=None)
@@ -427,7 +416,7 @@ def main() -> int:
         return 0
     finally:
         for proc in procs.values():
-            stop(proc)
+            stop_server(proc)
         stack.down(settings)
         if not os.environ.get("VALIFI_KEEP_BENCH_DATA"):
             shutil.rmtree(_SESSION_DIR, ignore_errors=True)

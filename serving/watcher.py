@@ -59,6 +59,10 @@ class ReloadStatus:
     history: list[dict] = field(default_factory=list)
 
 
+def _version_of(served: Served) -> Version:
+    return Version(served.version, served.run_id, "")
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -127,15 +131,14 @@ class Watcher:
         if target == self._refused or time.monotonic() < self._retry_at:
             return
         previous = self._previous
-        if previous is not None and target == Version(previous.version, previous.run_id, ""):
+        if previous is not None and target == _version_of(previous):
             # back to the one before (a rollback): already loaded and checked
             self._swap(replace(previous, loaded_at=_now()), time.monotonic())
             return
         self._load(target)
 
     def _serving(self) -> Version | None:
-        s = self.served
-        return None if s is None else Version(s.version, s.run_id, "")
+        return None if self.served is None else _version_of(self.served)
 
     def _load(self, target: Version) -> None:
         started = time.monotonic()

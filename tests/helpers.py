@@ -186,9 +186,12 @@ def start_server(port: int, env: dict) -> subprocess.Popen:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
+    """TERM to the server's process group, KILL after 30 s; a group already gone is fine."""
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+    except ProcessLookupError:
+        return
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
 
