@@ -29,25 +29,11 @@ from model.evaluation import evaluate, per_row, synthetic_world  # noqa: E402
 from model.metrics import paired_bootstrap_ci  # noqa: E402
 from model.module import read_snapshot, temporal_split  # noqa: E402
 from model.result import TrainResult  # noqa: E402
-from tests.helpers import synthetic_snapshot  # noqa: E402
+from tests.helpers import model_train_command, synthetic_snapshot  # noqa: E402
 
 
 def train(snap: Path, out: Path, seed: int, extra: list[str], threads: int) -> Path:
-    cmd = [
-        sys.executable,
-        "-m",
-        "model.train",
-        "--snapshot",
-        str(snap),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--seed",
-        str(seed),
-        "--threads",
-        str(threads),
-        *extra,
-    ]
+    cmd = model_train_command(snap, out, seed, "--threads", str(threads), *extra)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"training {out.name} failed:\n{r.stderr[-2000:]}")

@@ -225,21 +225,9 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 def servers(ports: dict[str, int], workers: int, data_dir: Path) -> dict[str, list]:
     """name -> [command, extra environment, predict URL]."""
+    from tests.helpers import mlflow_serve_command
+
     ours = {"VALIFI_MODEL_NAME": MODEL, "VALIFI_DATA_DIR": str(data_dir)}
-    mlflow_cmd = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{MODEL}@Production",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-w",
-        str(workers),
-        "-p",
-    ]
     url = "http://127.0.0.1:{}/{}".format
     return {
         "valifi serve": [
@@ -248,12 +236,12 @@ def servers(ports: dict[str, int], workers: int, data_dir: Path) -> dict[str, li
             url(ports["valifi serve"], "predict"),
         ],
         "mlflow models serve": [
-            [*mlflow_cmd, str(ports["mlflow models serve"])],
+            mlflow_serve_command(MODEL, ports["mlflow models serve"], workers),
             {},
             url(ports["mlflow models serve"], "invocations"),
         ],
         "mlflow, 1 thread/worker": [
-            [*mlflow_cmd, str(ports["mlflow, 1 thread/worker"])],
+            mlflow_serve_command(MODEL, ports["mlflow, 1 thread/worker"], workers),
             {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
             url(ports["mlflow, 1 thread/worker"], "invocations"),
         ],

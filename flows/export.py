@@ -334,10 +334,7 @@ def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
             finally:
                 sink.close()
         conn.rollback()  # read-only: nothing to keep
-    manifest = _manifest(src, spec, select, sink, since, until)
-    manifest.window_rows = window_rows
-    manifest.naive_timezone = None if src.created_tz else naive_tz
-    manifest.limit_cut = window_rows > manifest.rows
+    manifest = _manifest(src, spec, select, sink, since, until, window_rows, naive_tz)
     (folder / MANIFEST).write_text(manifest.to_json())
     return manifest
 
@@ -346,7 +343,7 @@ def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
 
 
-def _manifest(src, spec, select, sink, since, until) -> Manifest:
+def _manifest(src, spec, select, sink, since, until, window_rows, naive_tz) -> Manifest:
     s = sink.stats
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -370,4 +367,7 @@ def _manifest(src, spec, select, sink, since, until) -> Manifest:
         trainable_rows=s["trainable"],
         null_bot_rows=s["null_bot"],
         null_data_type_rows=s["null_data_type"],
+        window_rows=window_rows,
+        limit_cut=window_rows > s["rows"],
+        naive_timezone=None if src.created_tz else naive_tz,
     )

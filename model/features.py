@@ -98,13 +98,14 @@ class Featurizer:
         num_stats: dict[str, tuple[float, float]],
         words: Tokenizer,
         max_len: int,
+        missing_numbers: int = 0,
     ):
         self.paths = paths
         self.num_stats = num_stats
         self.words = words
         self.max_len = max_len
         self._word_cache: dict[str, list[int]] = {}
-        self.missing_numbers = 0  # when built: numbers in its rows taken as missing
+        self.missing_numbers = missing_numbers  # when built: numbers taken as missing
 
     # -- building --
     @classmethod
@@ -143,9 +144,7 @@ class Featurizer:
             show_progress=False,
         )
         words.train_from_iterator(texts, trainer=trainer)
-        featurizer = cls(paths, stats, words, max_len)
-        featurizer.missing_numbers = missing  # reported in the training metrics
-        return featurizer
+        return cls(paths, stats, words, max_len, missing)
 
     @property
     def word_offset(self) -> int:

@@ -109,6 +109,34 @@ def synthetic_snapshot(
     return folder
 
 
+def model_train_command(snapshot: Path, out: Path, seed: int | None, *extra: str) -> list[str]:
+    """`python -m model.train` on `snapshot` into `out`, quietly; `seed` None: its default."""
+    cmd = [sys.executable, "-m", "model.train", "--snapshot", str(snapshot), "--out", str(out)]
+    return [*cmd, "--no-progress", *(["--seed", str(seed)] if seed is not None else []), *extra]
+
+
+def mlflow_serve_command(model: str, port: int, workers: int = 1) -> list[str]:
+    """`mlflow models serve` of `model`@Production on 127.0.0.1 (needs the venv's bin
+    folder on PATH: it runs `uvicorn`)."""
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"models:/{model}@Production",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-w",
+        str(workers),
+        "-p",
+        str(port),
+    ]
+
+
 def train_small(
     root: Path,
     seed: int,
@@ -122,19 +150,7 @@ def train_small(
     the training seed is `seed` unless `train_seed` is given."""
     snap = synthetic_snapshot(root / f"snap{seed}", rows, seed=seed)
     out = root / f"out{seed}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "model.train",
-        "--snapshot",
-        str(snap),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--seed",
-        str(seed if train_seed is None else train_seed),
-        *extra,
-    ]
+    cmd = model_train_command(snap, out, seed if train_seed is None else train_seed, *extra)
     if epochs is not None:
         cmd += ["--max-epochs", str(epochs)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

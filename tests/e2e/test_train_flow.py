@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from model.synthetic import BOTS, BadRows, World
-from tests.helpers import ROOT, free_port, module_settings, valifi
+from tests.helpers import ROOT, free_port, mlflow_serve_command, module_settings, valifi
 from valifi.seed import seed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -237,21 +237,7 @@ def test_mlflow_models_serve_answers_for_production(env, stack_env):
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{MODEL}@Production",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
+        mlflow_serve_command(MODEL, port),
         cwd=ROOT,
         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
         stdout=subprocess.DEVNULL,

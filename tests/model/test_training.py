@@ -13,25 +13,15 @@ import pytest
 
 from model.artifact import ArtifactError, load
 from model.result import TrainResult
-from tests.helpers import ROOT, free_port, synthetic_snapshot
+from tests.helpers import ROOT, free_port, model_train_command, synthetic_snapshot
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--max-epochs", "2", "--no-progress", "--threads", "1"]
+FAST = ["--max-epochs", "2", "--threads", "1"]
 
 
 def _train(snapshot: Path, out: Path, *extra: str, env: dict | None = None, wait: bool = True):
-    cmd = [
-        sys.executable,
-        "-m",
-        "model.train",
-        "--snapshot",
-        str(snapshot),
-        "--out",
-        str(out),
-        *FAST,
-        *extra,
-    ]
+    cmd = model_train_command(snapshot, out, None, *FAST, *extra)
     e = {**os.environ, **(env or {})}
     if not wait:
         return subprocess.Popen(
