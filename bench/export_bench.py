@@ -31,16 +31,18 @@ from flows.source import detect, export_query  # noqa: E402
 from model.synthetic import World  # noqa: E402
 from valifi.seed import seed  # noqa: E402
 
+# Peak RSS from VmHWM: getrusage's ru_maxrss survives exec, so a child would report
+# this process's own peak (the psql output it held) whenever that was higher.
 CHILD = """
-import resource, sys, time, json
+import sys, time, json
 from pathlib import Path
 from flows.export import ExportSpec, export_snapshot, Manifest
 t = time.perf_counter()
 snap = export_snapshot(sys.argv[1], ExportSpec(table=sys.argv[2], days=3650, limit=int(sys.argv[3]),
                        until=None), Path(sys.argv[4]))
 dt = time.perf_counter() - t
-print(json.dumps({"seconds": dt, "rows": Manifest.read(snap).rows,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"seconds": dt, "rows": Manifest.read(snap).rows, "rss_mb": hwm / 1024}))
 """
 
 

@@ -37,7 +37,7 @@ class ExportSpec(BaseModel):
     limit: int = 10_000
     min_rows: int = 100  # fewer rows than this: the run is skipped, not failed
     until: datetime | None = None  # end of the window (UTC); None: now
-    chunk_bytes: int = 4 << 20  # rows parsed and written per chunk
+    chunk_bytes: int = 4 << 20  # rows read and written per Arrow batch (about this size)
     # The zone a `timestamp without time zone` column's values are in. None: the
     # database's own TimeZone setting (what `DEFAULT now()` wrote them in).
     naive_timezone: str | None = None
@@ -61,6 +61,10 @@ class ValidationSpec(BaseModel):
     )
     max_null_reward_fraction: float = 0.2
     max_bad_payload_fraction: float = 0.01
+    # The share of rows of any one bot, or any one data type, may move by at most this
+    # much (absolute, 0..1) from the previous snapshot that passed validation: a bot
+    # whose logging stopped, or one flooding the table, fails the run. 1.0 turns it off.
+    max_share_change: float = 0.25
 
 
 class GateSpec(BaseModel):

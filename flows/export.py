@@ -1,10 +1,11 @@
 """Export `bot_training_data` into a Parquet snapshot with a manifest.
 
-Rows stream out of PostgreSQL with `COPY (SELECT ...) TO STDOUT` (psycopg 3) inside a
-read-only transaction, are parsed in chunks by Arrow's CSV reader and appended to
-a Parquet file row group by row group, so memory stays flat as the row count
-grows. The snapshot folder is written under a temporary name and renamed only
-when complete: a failed export leaves nothing behind.
+psycopg reads the table's layout from the catalog and builds the query; the rows
+then stream out of PostgreSQL through ADBC's driver (a binary COPY decoded into
+Arrow batches) inside a read-only repeatable-read transaction, and are appended
+to a Parquet file batch by batch, so memory stays flat as the row count grows.
+The snapshot folder is written under a temporary name and renamed only when
+complete: a failed export leaves nothing behind.
 
     SNAPSHOT/
       data.parquet        id, bot_id, bot, data_type, input, input_ok, action,
@@ -14,13 +15,12 @@ when complete: a failed export leaves nothing behind.
                           the size limit, NULL); its row stays in data.parquet with
                           its *_ok flag false, and validation judges the share
       manifest.json       counts, window and what it held, watermark, layout, query,
-                          sha256, quarantined payloads by reason
+                          sha256 of data.parquet, quarantined payloads by reason
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import adbc_driver_postgresql as adbc_pg
+import adbc_driver_postgresql.dbapi as adbc
 import orjson
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from core.settings import ExportSpec
@@ -64,6 +65,12 @@ SCHEMA = pa.schema(
 )
 
 
+# what the export query returns: created_at is UTC without a zone
+WIRE = pa.schema(
+    [f if f.name != "created_at" else pa.field(f.name, pa.timestamp("us")) for f in SCHEMA]
+)
+
+
 class InsufficientData(RuntimeError):
     """Fewer rows than the minimum: the run is skipped, not failed."""
 
@@ -83,7 +90,7 @@ class Manifest:
     columns: dict[str, str]
     query: str
     limit: int
-    sha256: str
+    sha256: str  # of data.parquet
     bots: dict[str, int]
     data_types: dict[str, int]
     exported_at: str
@@ -131,19 +138,21 @@ def _false_count(col: pa.ChunkedArray) -> int:
 class _ChunkWriter:
     """Receives the COPY stream; parses and writes it to Parquet chunk by chunk."""
 
-    def __init__(
-        self, folder: Path, chunk_bytes: int, canonicalize: dict[str, bool], max_payload: int
-    ):
-        self.blocks: list[bytes] = []
-        self.pending = 0
-        self.chunk_bytes = chunk_bytes
+    def __init__(self, folder: Path, canonicalize: dict[str, bool], max_payload: int):
         self.canonicalize = canonicalize  # payload column -> parse it here
         self.max_payload = max_payload
         # rows whose payload cannot be used (id, column, reason), chunk by chunk
         self.quarantine = pq.ParquetWriter(folder / QUARANTINE, QUARANTINE_SCHEMA)
         self.reasons: dict[str, int] = {}
-        self.sha = hashlib.sha256()
-        self.writer = pq.ParquetWriter(folder / DATA, SCHEMA, compression="zstd")
+        self.writer = pq.ParquetWriter(
+            folder / DATA,
+            SCHEMA,
+            compression="zstd",
+            # dictionaries and min/max statistics only where they pay: unique ids and
+            # long payloads cost time and gain nothing
+            use_dictionary=["bot_id", "bot", "data_type"],
+            write_statistics=["bot", "data_type", "reward", "created_at"],
+        )
         self.stats = {
             "rows": 0,
             "null_reward": 0,
@@ -159,44 +168,19 @@ class _ChunkWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
         self.inflight: Future | None = None
 
-    def feed(self, block) -> None:
-        """One block of the COPY stream (whole rows)."""
-        self.blocks.append(bytes(block))
-        self.pending += len(block)
-        if self.pending >= self.chunk_bytes:
-            self._submit()
+    def feed(self, batch: pa.RecordBatch) -> None:
+        """Hand one batch to the writer thread; at most one batch waits there.
 
-    def _submit(self) -> None:
-        """Hand the buffered rows to the writer thread; at most one chunk waits there.
-
-        Arrow parses and compresses without the GIL, so writing overlaps reading.
+        Arrow reads the rows and compresses without the GIL, so writing overlaps
+        reading.
         """
         if self.inflight is not None:
-            self.inflight.result()  # bounded memory: one chunk parsing, one filling
-        raw = b"".join(self.blocks)
-        self.blocks.clear()
-        self.pending = 0
-        self.sha.update(raw)
-        self.inflight = self.pool.submit(self._write_chunk, raw)
+            self.inflight.result()  # bounded memory: one batch converting, one reading
+        self.inflight = self.pool.submit(self._write_batch, batch)
 
-    def _write_chunk(self, raw: bytes) -> None:
-        table = pacsv.read_csv(
-            io.BytesIO(raw),
-            read_options=pacsv.ReadOptions(column_names=SCHEMA.names),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(
-                column_types={f.name: f.type for f in SCHEMA if f.name != "created_at"}
-                | {"created_at": pa.timestamp("us")},
-                # PostgreSQL's CSV NULL is an unquoted empty field, and an empty string
-                # is quoted: nothing else is NULL (Arrow's defaults would also take
-                # NA, N/A, null, NULL, nan, None, ... for NULL)
-                null_values=[""],
-                strings_can_be_null=True,
-                quoted_strings_can_be_null=False,
-                true_values=["t"],
-                false_values=["f"],
-            ),
-        )
+    def _write_batch(self, batch: pa.RecordBatch) -> None:
+        # the query's own column names and types, without the driver's field metadata
+        table = pa.Table.from_batches([batch]).cast(WIRE)
         table = table.set_column(
             9, "created_at", table["created_at"].cast(pa.timestamp("us", tz="UTC"))
         )
@@ -214,7 +198,10 @@ class _ChunkWriter:
             texts = table[col].to_pylist()
             ids = table["id"].to_pylist()
         else:
-            mask = pc.invert(pc.fill_null(table[i + 1], False)).combine_chunks()
+            ok = table[i + 1]
+            if ok.null_count == 0 and pc.all(ok).as_py():
+                return table  # the server read every one: nothing to convert
+            mask = pc.invert(pc.fill_null(ok, False)).combine_chunks()
             rows = pc.indices_nonzero(mask)
             if len(rows) == 0:
                 return table  # the server read every one: nothing to convert
@@ -256,11 +243,6 @@ class _ChunkWriter:
             self.newest = max(filter(None, [self.newest, hi.as_py()]))
             self.oldest = min(filter(None, [self.oldest, lo.as_py()]))
 
-    def finish(self) -> None:
-        if self.blocks:
-            self._submit()
-        self.close()
-
     def close(self) -> None:
         """Wait for the writer thread and close the file; re-raises a failed chunk."""
         try:
@@ -301,49 +283,69 @@ def export_snapshot(url: str, spec: ExportSpec, out_root: Path) -> Path:
 
 def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
     since, until = spec.window()
-    with psycopg.connect(url) as conn:
-        conn.read_only = True
-        # the count and the rows from one snapshot of the table
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        with conn.cursor() as cur:
-            # what the server prints and how it reads times, whatever its own settings
-            cur.execute("SHOW TimeZone")
-            naive_tz = spec.naive_timezone or cur.fetchone()[0]
-            cur.execute("SET TIME ZONE 'UTC'")
-            cur.execute("SET DateStyle TO ISO, YMD")
-            src = detect(cur, spec.table, spec.columns)
-            version = conn.info.server_version
-            params = {"since": since, "until": until, "naive_tz": naive_tz, "limit": spec.limit}
-            cur.execute(window_count_query(src), params)
-            window_rows = cur.fetchone()[0]
-            select = export_query(src, version).as_string(conn)
-            sink = _ChunkWriter(
-                folder,
-                spec.chunk_bytes,
-                {
-                    "input": not parsed_by_server(src, "input", version),
-                    "action": not parsed_by_server(src, "output", version),
-                },
-                spec.max_payload_bytes,
-            )
-            try:
-                with cur.copy(f"COPY ({select}) TO STDOUT WITH (FORMAT csv)", params) as copy:
-                    for block in copy:
-                        sink.feed(block)
-                sink.finish()
-            finally:
-                sink.close()
-        conn.rollback()  # read-only: nothing to keep
-    manifest = _manifest(src, spec, select, sink, since, until, window_rows, naive_tz)
+    with psycopg.connect(url) as conn, psycopg.ClientCursor(conn) as cur:
+        # the table's layout (from the catalog), and the zone naive timestamps are in
+        cur.execute("SHOW TimeZone")
+        naive_tz = spec.naive_timezone or cur.fetchone()[0]
+        src = detect(cur, spec.table, spec.columns)
+        version = conn.info.server_version
+        params = {"since": since, "until": until, "naive_tz": naive_tz, "limit": spec.limit}
+        query = export_query(src, version).as_string(conn)
+        count_sql = cur.mogrify(window_count_query(src), params)
+        rows_sql = cur.mogrify(query, params)  # values quoted by psycopg
+        conn.rollback()
+    sink = _ChunkWriter(
+        folder,
+        {
+            "input": not parsed_by_server(src, "input", version),
+            "action": not parsed_by_server(src, "output", version),
+        },
+        spec.max_payload_bytes,
+    )
+    try:
+        window_rows = _read_rows(url, count_sql, rows_sql, spec.chunk_bytes, sink.feed)
+    finally:
+        sink.close()
+    with open(folder / DATA, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    manifest = _manifest(src, spec, query, sink, since, until, window_rows, naive_tz, sha256)
     (folder / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+def _read_rows(url: str, count_sql: str, rows_sql: str, batch_bytes: int, feed) -> int:
+    """Count the window and stream its rows, in one read-only snapshot; returns the count.
+
+    The rows come through ADBC's PostgreSQL driver: a binary COPY decoded straight
+    into Arrow batches of about `batch_bytes`. Binary values need no NULL marker and
+    no date style: what PostgreSQL holds is what arrives.
+    """
+    with adbc.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        for statement in (
+            # the count and the rows from one snapshot of the table
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            # how the server reads the window's times, whatever its own settings
+            "SET TIME ZONE 'UTC'",
+            "SET client_encoding TO 'UTF8'",
+        ):
+            cur.execute(statement)
+        cur.execute(count_sql)
+        window_rows = cur.fetchone()[0]
+        cur.adbc_statement.set_options(
+            **{adbc_pg.StatementOptions.BATCH_SIZE_HINT_BYTES.value: str(batch_bytes)}
+        )
+        cur.execute(rows_sql)
+        for batch in cur.fetch_record_batch():
+            feed(batch)
+        cur.execute("ROLLBACK")  # read-only: nothing to keep
+    return window_rows
 
 
 def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
 
 
-def _manifest(src, spec, select, sink, since, until, window_rows, naive_tz) -> Manifest:
+def _manifest(src, spec, query, sink, since, until, window_rows, naive_tz, sha256) -> Manifest:
     s = sink.stats
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -357,9 +359,9 @@ def _manifest(src, spec, select, sink, since, until, window_rows, naive_tz) -> M
         layout=src.layout,
         table=src.table,
         columns=src.columns,
-        query=select,
+        query=query,
         limit=spec.limit,
-        sha256=sink.sha.hexdigest(),
+        sha256=sha256,
         bots=dict(sorted(sink.bots.items())),
         data_types=dict(sorted(sink.data_types.items())),
         exported_at=datetime.now(UTC).isoformat(),

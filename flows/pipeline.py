@@ -70,6 +70,7 @@ class RunLockTimeout(RuntimeError):
 @task(name="export", retry_condition_fn=_retry_unless_permanent)
 def export_task(url: str, spec: ExportSpec, out_root: Path) -> str:
     """Snapshot the table; InsufficientData (not retried) when there are too few rows."""
+    import adbc_driver_manager
     import psycopg
 
     try:
@@ -77,7 +78,7 @@ def export_task(url: str, spec: ExportSpec, out_root: Path) -> str:
     except InsufficientData as exc:
         get_run_logger().warning("%s", exc)
         raise
-    except psycopg.Error as exc:
+    except (psycopg.Error, adbc_driver_manager.Error) as exc:
         raise ExportError(f"export from table {spec.table!r} failed: {exc}".strip()) from exc
     m = Manifest.read(snap)
     log = get_run_logger()
@@ -107,7 +108,12 @@ def validate_task(snapshot: str, spec: ValidationSpec, min_rows: int) -> str:
     get_run_logger().info(
         "validation passed: %d expectations; docs %s", result.evaluated, result.docs
     )
-    return result.docs or ""
+    compared = (
+        f"shares compared with {result.reference}"
+        if result.reference
+        else "no earlier snapshot to compare shares with"
+    )
+    return f"passed ({result.evaluated} checks; {compared}); Data Docs: `{result.docs}`"
 
 
 @task(name="train")
@@ -333,8 +339,7 @@ def _train(settings: Settings, export: ExportSpec, summary: dict, overrides: tup
         return Completed(name="Skipped", message=f"skipped: {exc}")
     summary["snapshot"] = asdict(Manifest.read(Path(snapshot)))
     summary["validation"] = "failed (see the error)"
-    docs = validate_task(snapshot, settings.validation, export.min_rows)
-    summary["validation"] = f"passed; Data Docs: `{docs}`"
+    summary["validation"] = validate_task(snapshot, settings.validation, export.min_rows)
     out = settings.runs_dir / f"{Path(snapshot).name}-{uuid.uuid4().hex[:8]}"
     result = train_task(
         snapshot, out, train_args(settings.train, *overrides), settings.train.timeout_s

@@ -3,8 +3,11 @@
 The suite checks what training relies on: the columns and their types, bot and
 data type present, rewards inside their bounds, data types from the allowed set,
 timestamps inside the export window, unique ids, few unscored rows and few
-unparseable payloads, and enough rows. The Data Docs HTML is written beside the
-snapshot (`SNAPSHOT/validation/`), with a `validation.json` summary.
+unparseable payloads (inputs and actions), and enough rows. Beyond the suite, the
+share of rows of each bot and each data type is compared with the previous snapshot
+beside this one that passed: a share that moved more than `max_share_change` fails.
+The Data Docs HTML is written beside the snapshot (`SNAPSHOT/validation/`), with a
+`validation.json` summary.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class ValidationResult:
     evaluated: int
     failures: list[Failure]
     docs: str | None
+    reference: str | None = None  # the earlier snapshot the shares were compared with
 
     def reason(self) -> str:
         lines = [f"{len(self.failures)} of {self.evaluated} expectations failed:"]
@@ -96,6 +100,52 @@ def _suite(spec: ValidationSpec, window: dict[str, str], min_rows: int):
         gxe.ExpectColumnValuesToBeInSet(column="input_ok", value_set=[True], mostly=bad_mostly),
         gxe.ExpectColumnValuesToBeInSet(column="action_ok", value_set=[True], mostly=bad_mostly),
     ]
+
+
+def previous_passed(snapshot: Path) -> Path | None:
+    """The newest snapshot beside this one, exported before it, whose validation passed."""
+    before = Manifest.read(snapshot).exported_at
+    found: list[tuple[str, Path]] = []
+    for p in snapshot.parent.iterdir():
+        if p == snapshot or p.name.startswith(".") or not p.is_dir():
+            continue
+        try:
+            passed = json.loads((p / SUMMARY).read_text()).get("success")
+            exported = Manifest.read(p).exported_at
+        except (OSError, ValueError, TypeError):
+            continue
+        if passed and exported < before:
+            found.append((exported, p))
+    return max(found)[1] if found else None
+
+
+def share_failures(now: Manifest, before: Manifest, limit: float, ref: str) -> list[Failure]:
+    """One failure per column (bot, data type) whose share of rows moved most, when
+    that move exceeds `limit`; rows without a value count as their own group."""
+    failures = []
+    for column, key, nulls in (
+        ("bot", "bots", "null_bot_rows"),
+        ("data_type", "data_types", "null_data_type_rows"),
+    ):
+        counts = [getattr(m, key) | {None: getattr(m, nulls)} for m in (now, before)]
+        totals = [sum(c.values()) or 1 for c in counts]
+        shares = {
+            k: tuple(c.get(k, 0) / t for c, t in zip(counts, totals, strict=True))
+            for k in counts[0].keys() | counts[1].keys()
+        }
+        worst = max(shares, key=lambda k: (abs(shares[k][0] - shares[k][1]), str(k)))
+        share, was = shares[worst]
+        if abs(share - was) > limit:
+            name = "no value" if worst is None else repr(worst)
+            failures.append(
+                Failure(
+                    f"share of each {column.replace('_', ' ')}",
+                    column,
+                    f"{name} {was:.1%} -> {share:.1%}",
+                    f"max_share_change={limit:g} against {ref}",
+                )
+            )
+    return failures
 
 
 def _observed(res) -> object:
@@ -150,12 +200,20 @@ def validate_snapshot(
     )
     results = vd.run(batch_parameters={"dataframe": df})
     failures = [_failure(r) for r in results.results if not r.success]
+    evaluated = len(results.results)
+    reference = previous_passed(snapshot)
+    if reference is not None:
+        failures += share_failures(
+            manifest, Manifest.read(reference), spec.max_share_change, reference.name
+        )
+        evaluated += 2
     docs = _build_docs(ctx, snapshot)
     result = ValidationResult(
-        success=bool(results.success),
-        evaluated=len(results.results),
+        success=not failures,
+        evaluated=evaluated,
         failures=failures,
         docs=docs,
+        reference=None if reference is None else reference.name,
     )
     summary = asdict(result) | {"validated_at": datetime.now().astimezone().isoformat()}
     _write_atomic(snapshot / SUMMARY, json.dumps(summary, indent=2, default=str))

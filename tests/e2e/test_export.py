@@ -95,6 +95,31 @@ def test_limit_and_window_and_stable_sha(seeded, tmp_path):
     assert 200 < short.rows < 400
 
 
+def test_share_of_each_bot_is_compared_with_the_last_snapshot_that_passed(seeded, layout, tmp_path):
+    first = export_snapshot(seeded, ExportSpec(), tmp_path)
+    result = validate_snapshot(first)
+    assert result.success and result.reference is None  # nothing to compare with yet
+    df = pq.read_table(first / "data.parquet").to_pandas()
+    gone = df["bot"].value_counts().index[0]
+    share = (df["bot"] == gone).mean()
+    column = "bot_id" if layout == "app" else '"botId"'
+    bot_id = df.loc[df["bot"] == gone, "bot_id"].iloc[0]
+    _execute(seeded, f"DELETE FROM bot_training_data WHERE {column} = '{bot_id}'")
+
+    second = export_snapshot(seeded, ExportSpec(), tmp_path)
+    strict = ValidationSpec(max_share_change=share / 2)
+    result = validate_snapshot(second, strict)
+    assert not result.success and result.reference == first.name
+    [failure] = result.failures
+    assert failure.expectation == "share of each bot" and failure.column == "bot"
+    assert f"{gone!r} {share:.1%} -> 0.0%" in failure.line()
+    # a failed snapshot is never the reference: the next one is compared with the first
+    third = export_snapshot(seeded, ExportSpec(), tmp_path)
+    assert validate_snapshot(third, strict).reference == first.name
+    loose = validate_snapshot(third, ValidationSpec(max_share_change=share * 2))
+    assert loose.success and loose.reference == first.name
+
+
 def test_key_order_and_whitespace_do_not_change_the_snapshot(fresh_db, external_pg, tmp_path):
     url = fresh_db(external_pg)
     seed(url, 120, layout="design", world=World(seed=1), end=NOW, days=6)
@@ -205,16 +230,16 @@ def test_database_stopped_mid_export_leaves_no_snapshot(tmp_path, monkeypatch):
         url = server.get_uri()
         seed(url, 60_000, days=5, world=World(seed=2), end=NOW)
         stopped = threading.Event()
-        original = export_mod._ChunkWriter._write_chunk
+        original = export_mod._ChunkWriter._write_batch
 
-        def write_then_stop(self, raw):
-            original(self, raw)
+        def write_then_stop(self, batch):
+            original(self, batch)
             if not stopped.is_set():  # first chunk on disk: now the database goes away
                 stopped.set()
                 server.get_postmaster_info().process.send_signal(2)  # fast shutdown
                 server.get_postmaster_info().process.wait(20)
 
-        monkeypatch.setattr(export_mod._ChunkWriter, "_write_chunk", write_then_stop)
+        monkeypatch.setattr(export_mod._ChunkWriter, "_write_batch", write_then_stop)
         out = tmp_path / "snapshots"
         with pytest.raises(Exception, match=r"terminat|closed|lost|server"):
             export_snapshot(url, ExportSpec(limit=100_000, chunk_bytes=1 << 20), out)
