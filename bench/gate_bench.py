@@ -1,35 +1,49 @@
-"""The promotion gate against retrains on unchanged data and deliberately worse models.
+"""The promotion gate against the truth: pairs whose true policy values are known.
 
-    python bench/gate_bench.py [--rows 3000] [--n 10] [--jobs 2] [--margins 0.02,0.05,0.1,0.2]
+    python bench/gate_bench.py [--rows 4000] [--n 6] [--jobs 2] [--margin 0.1] [--drift]
 
-On one synthetic snapshot: a champion (seed 0), `--n` retrains on the same data
-with other seeds (as good, up to noise), and `--n` worse challengers (half trained
-for one epoch, half on shuffled rewards). Every challenger is scored with the
-champion on the same temporal holdout and judged by the gate at each margin.
-Prints, per margin, how many unchanged retrains pass and how many worse ones pass
-(target: none of the worse, most of the unchanged), plus each pair's figures.
+On the synthetic world (true rewards known), one snapshot and a champion trained
+on it (seed 0), then challengers, each judged by the gate against its champion on
+the same temporal holdout:
+
+- unchanged: retrains on the same data with other seeds;
+- worse: trained for one epoch, on shuffled rewards, or without the `indicators`
+  input field (a feature dropped);
+- better: the same retrains judged against a champion trained on a fifth of the
+  rows (more data), and with `--drift` the retrain after a drift of the reward rule
+  against the champion from before it.
+
+Each pair's truth is its true policy value difference on the holdout (beyond
++-`--tol`: truly better or worse). The gate is applied twice: on the squared error
+alone (`value_check=false`) and as shipped (error, then the doubly-robust value
+when well conditioned). Prints every pair, then how often each gate promoted a truly
+worse policy (target 0) and rejected a truly better one (target at most 10%).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.settings import GateSpec  # noqa: E402
-from flows.gate import decide  # noqa: E402
+from flows.training import compare  # noqa: E402
 from model.artifact import load  # noqa: E402
-from model.evaluation import evaluate, per_row, synthetic_world  # noqa: E402
-from model.metrics import paired_bootstrap_ci  # noqa: E402
+from model.evaluation import synthetic_world  # noqa: E402
 from model.module import read_snapshot, temporal_split  # noqa: E402
 from model.result import TrainResult  # noqa: E402
-from tests.helpers import model_train_command, synthetic_snapshot  # noqa: E402
+from tests.helpers import drift_recovery, model_train_command, synthetic_snapshot  # noqa: E402
 
 
 def train(snap: Path, out: Path, seed: int, extra: list[str], threads: int) -> Path:
@@ -40,75 +54,120 @@ def train(snap: Path, out: Path, seed: int, extra: list[str], threads: int) -> P
     return out
 
 
+def without_field(snap: Path, out: Path, field: str) -> Path:
+    """A copy of `snap` whose inputs lack `field` (a feature the model never sees)."""
+    out.mkdir(parents=True)
+    table = pq.read_table(snap / "data.parquet")
+    inputs = []
+    for text in table["input"].to_pylist():
+        doc = json.loads(text)
+        doc.pop(field, None)
+        inputs.append(json.dumps(doc, sort_keys=True))
+    i = table.schema.get_field_index("input")
+    pq.write_table(table.set_column(i, "input", pa.array(inputs)), out / "data.parquet")
+    (out / "manifest.json").write_text((snap / "manifest.json").read_text())
+    return out
+
+
+def true_value(model, holdout, world) -> float:
+    bots, inputs = list(holdout["bot"]), list(holdout["input"])
+    chosen = model.choose(bots, inputs, list(holdout["data_type"]))
+    return float(
+        np.mean([world.true_reward(b, x, a) for b, x, a in zip(bots, inputs, chosen, strict=True)])
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=3000)
-    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--n", type=int, default=6)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--margins", default="0.02,0.05,0.1,0.2")
+    p.add_argument("--tol", type=float, default=0.005, help="true value difference that counts")
+    p.add_argument("--margin", type=float, default=GateSpec().margin)
+    p.add_argument("--drift", action="store_true", help="also the retrain after a drift")
     args = p.parse_args()
-    margins = [float(m) for m in args.margins.split(",")]
     root = Path(tempfile.mkdtemp(prefix="valifi-gate-bench-"))
     snap = synthetic_snapshot(root / "snap", args.rows, seed=0)
-    jobs = [("champion", 0, [])]
-    jobs += [(f"retrain-{i}", i, []) for i in range(1, args.n + 1)]
-    jobs += [
-        (
-            f"one-epoch-{i}" if i % 2 else f"shuffled-{i}",
-            100 + i,
-            ["--max-epochs", "1"] if i % 2 else ["--shuffle-rewards"],
-        )
-        for i in range(args.n)
-    ]
-    threads = max(1, 2 // args.jobs)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        outs = dict(
-            zip(
-                [j[0] for j in jobs],
-                pool.map(lambda j: train(snap, root / j[0], j[1], j[2], threads), jobs),
-                strict=True,
+    small = synthetic_snapshot(root / "small", args.rows // 5, seed=50)
+    blind = without_field(snap, root / "blind", "indicators")
+    jobs = [("champion", snap, 0, []), ("small-champion", small, 0, [])]
+    jobs += [(f"retrain-{i}", snap, i, []) for i in range(1, args.n + 1)]
+    for i in range(args.n):
+        kind = ("one-epoch", "shuffled", "no-indicators")[i % 3]
+        extra = {"one-epoch": ["--max-epochs", "1"], "shuffled": ["--shuffle-rewards"]}
+        jobs.append(
+            (
+                f"{kind}-{i}",
+                blind if kind == "no-indicators" else snap,
+                100 + i,
+                extra.get(kind, []),
             )
         )
-    df = read_snapshot(snap)
+    threads = max(1, 2 // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = pool.map(lambda j: train(j[1], root / j[0], j[2], j[3], threads), jobs)
+        outs = dict(zip([j[0] for j in jobs], done, strict=True))
+    models = {name: load(out / "artifact") for name, out in outs.items()}
     cfg = TrainResult.read(outs["champion"]).train_config
-    train_df, _, holdout = temporal_split(df, cfg["val_fraction"], cfg["holdout_fraction"])
-    mean = float(train_df["reward"].mean())
+    train_df, _, holdout = temporal_split(
+        read_snapshot(snap), cfg["val_fraction"], cfg["holdout_fraction"]
+    )
     world = synthetic_world(None)
-    champ = load(outs["champion"] / "artifact")
-    champ_m = evaluate(champ, holdout, mean, world)
-    champ_err = per_row(champ, holdout)["sq_err"]
+    values = {name: true_value(m, holdout, world) for name, m in models.items()}
+    pairs = [(name, "champion") for name in models if name not in ("champion", "small-champion")]
+    pairs += [(f"retrain-{i}", "small-champion") for i in range(1, args.n + 1)]
+    gates = {
+        "error only": GateSpec(margin=args.margin, value_check=False),
+        "as shipped": GateSpec(margin=args.margin),
+    }
     print(
-        f"snapshot {args.rows} rows, holdout {len(holdout)}; champion MSE "
-        f"{champ_m['rmse'] ** 2:.4f}, true policy value {champ_m['true_value_policy']:.3f}"
+        f"snapshot {args.rows} rows, holdout {len(holdout)} rows; true value of the champion "
+        f"{values['champion']:.4f}, of the small champion {values['small-champion']:.4f}"
     )
-    print(
-        "| challenger | MSE diff | 95% CI | upper bound / champion MSE | true value diff | floors |"
-    )
-    print("|---|---|---|---|---|---|")
-    passed = {m: {"retrain": 0, "worse": 0} for m in margins}
-    for name, out in outs.items():
-        if name == "champion":
-            continue
-        model = load(out / "artifact")
-        m = evaluate(model, holdout, mean, world)
-        err = per_row(model, holdout)["sq_err"]
-        kind = "retrain" if name.startswith("retrain") else "worse"
-        for margin in margins:
-            d = decide(GateSpec(margin=margin), m, err, champ_m, champ_err, "1")
-            passed[margin][kind] += d.passed
-        mean_d, lo, hi = paired_bootstrap_ci(err, champ_err)
-        floors = "met" if "floors met" in d.summary() else d.reasons[0]
+    print("| challenger | against | true value diff | truth | error only | as shipped | DR diff |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for new, old in pairs:
+        diff = values[new] - values[old]
+        truth = "better" if diff > args.tol else "worse" if diff < -args.tol else "same"
+        verdicts = {
+            g: compare(spec, models[new], models[old], train_df, holdout, old)
+            for g, spec in gates.items()
+        }
+        rows.append((truth, {g: d.passed for g, d in verdicts.items()}))
+        d = verdicts["as shipped"].value.get("diff") or {}
+        dr = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "—"
         print(
-            f"| {name} | {mean_d:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {hi / champ_err.mean():+.1%} | "
-            f"{m['true_value_policy'] - champ_m['true_value_policy']:+.3f} | {floors} |"
+            f"| {new} | {old} | {diff:+.4f} | {truth} | "
+            + " | ".join("promote" if v.passed else "reject" for v in verdicts.values())
+            + f" | {dr} |"
         )
-    print()
-    print("| margin (x champion MSE) | unchanged retrains promoted | worse promoted |")
-    print("|---|---|---|")
-    for margin in margins:
+    if args.drift:
+        r = drift_recovery(root / "drift", args.rows)
+        diff = r["challenger_after"] - r["champion_after"]
+        truth = "better" if diff > args.tol else "worse" if diff < -args.tol else "same"
+        rows.append((truth, {"error only": None, "as shipped": r["decision"].passed}))
         print(
-            f"| {margin:.0%} | {passed[margin]['retrain']}/{args.n} | "
-            f"{passed[margin]['worse']}/{args.n} |"
+            f"| retrain after drift | champion before it | {diff:+.4f} | {truth} | — | "
+            f"{'promote' if r['decision'].passed else 'reject'} | "
+            f"{r['decision'].value['diff']['mean']:+.4f} |"
+        )
+        print(
+            f"\ndrift: the champion earned {r['champion_before']:.4f} before the drift and "
+            f"{r['champion_after']:.4f} after; the retrain earns {r['challenger_after']:.4f}: "
+            f"{r['recovered']:.0%} of the loss recovered"
+        )
+    print("\n| gate | truly worse promoted | truly better rejected | same promoted |")
+    print("|---|---|---|---|")
+    for g in gates:
+        judged = [(t, v[g]) for t, v in rows if v[g] is not None]
+
+        def count(kind, promoted, judged=judged):
+            of = [v for t, v in judged if t == kind]
+            return f"{sum(v == promoted for v in of)}/{len(of)}"
+
+        print(
+            f"| {g} | {count('worse', True)} | {count('better', False)} | {count('same', True)} |"
         )
     return 0
 

@@ -80,6 +80,13 @@ class GateSpec(BaseModel):
     confidence: float = 0.95
     bootstrap: int = 2000
     min_holdout_rows: int = 200  # a smaller holdout cannot decide: rejected
+    # Also require the doubly-robust estimate of the policy's value not to fall below
+    # the champion's by more than `margin` x the holdout rewards' standard deviation
+    # (lower CI bound of challenger - champion). None: only when both estimates are
+    # well conditioned; True: always (a poorly conditioned estimate rejects); False: never.
+    value_check: bool | None = None
+    ope_min_ess: float = 100.0  # effective sample size below this: poorly conditioned
+    ope_bootstrap: int = 500
 
 
 class WatchSpec(BaseModel):

@@ -8,6 +8,13 @@ bound of that interval lies below the margin (`margin` × the champion's holdout
 MSE): an uncertain challenger never replaces the champion, and a retrain that is
 as good up to the margin does. The first model is judged on floors alone.
 
+Beside the error, the gate estimates the value of each model's decisions off-policy
+(model/offpolicy.py: direct method, self-normalised IPS and doubly robust, with
+bootstrap intervals and the effective sample size). When both doubly-robust
+estimates are well conditioned (or `value_check` is set), the challenger must also
+not lose value: the lower bound of the paired interval of (challenger − champion)
+must lie above −`margin` × the holdout rewards' standard deviation.
+
 The gate fails closed: a non-finite metric or per-row error, rows that do not
 pair up, or a holdout too small to decide is a rejection with that reason.
 """
@@ -33,6 +40,9 @@ class GateDecision:
     mse_diff: dict | None = None  # mean, low, high of challenger − champion; margin
     floors: dict = field(default_factory=dict)
     rule: str = ""  # the rule in words, with the numbers
+    # off-policy value: {"challenger": estimates, "champion": estimates or None,
+    # "diff": {mean, low, high, margin} or None, "checked": bool, "note": str}
+    value: dict | None = None
 
     def summary(self) -> str:
         verdict = "pass" if self.passed else "reject"
@@ -98,11 +108,15 @@ def decide(
     champion: dict | None = None,
     sq_err_old: np.ndarray | None = None,
     champion_version: str | None = None,
+    value: dict | None = None,
 ) -> GateDecision:
-    """Judge a challenger's holdout metrics (and per-row squared errors) against the spec."""
+    """Judge a challenger's holdout metrics (and per-row squared errors) against the spec;
+    `value` (from `value_evidence`) adds the off-policy criterion."""
     new = np.asarray(sq_err_new, float)
     old = None if champion is None or sq_err_old is None else np.asarray(sq_err_old, float)
-    out = GateDecision(False, [], challenger, champion, champion_version, rule=rule_text(spec))
+    out = GateDecision(
+        False, [], challenger, champion, champion_version, rule=rule_text(spec), value=value
+    )
     if why := _unusable(spec, challenger, new, old):
         out.reasons.append(f"cannot decide: {why}")
         return out
@@ -132,5 +146,54 @@ def decide(
         out.reasons.append(
             f"not shown non-inferior to {vs}: holdout MSE {mean:+.4f} vs champion, {ci}, "
             f"upper bound not below the {bound}"
+        )
+    if out.passed and value is not None and value.get("checked"):
+        out.passed = _value_criterion(spec, value, vs, out.reasons)
+    return out
+
+
+def _value_criterion(spec: GateSpec, value: dict, vs: str, reasons: list[str]) -> bool:
+    """The doubly-robust value must not drop by more than the margin (lower CI bound)."""
+    d = value.get("diff")
+    if d is None or not all(_finite(d.get(k)) for k in ("mean", "low", "margin")):
+        reasons.append(f"cannot decide on value: {value.get('note') or 'no estimate'}")
+        return False
+    ci = f"{spec.confidence:.0%} CI [{d['low']:+.4f}, {d['high']:+.4f}]"
+    text = f"doubly-robust value {d['mean']:+.4f} vs {vs}, {ci}"
+    if d["low"] > -d["margin"]:
+        reasons.append(f"{text}: lower bound above the margin {-d['margin']:+.4f}")
+        return True
+    reasons.append(f"loses value: {text}, lower bound not above the margin {-d['margin']:+.4f}")
+    return False
+
+
+def value_evidence(spec: GateSpec, new_rows, old_rows, reward: np.ndarray) -> dict:
+    """Off-policy estimates for the gate from per-row pieces (model.offpolicy.PolicyRows)
+    of the challenger and, when there is one, the champion."""
+    from model.offpolicy import estimates, paired_value_ci
+
+    alpha = 1 - spec.confidence
+    kw = {"n_boot": spec.ope_bootstrap, "alpha": alpha, "min_ess": spec.ope_min_ess}
+    out: dict = {"challenger": estimates(new_rows, **kw), "champion": None, "diff": None}
+    warnings = [f"challenger: {out['challenger']['warning']}"] * (not out["challenger"]["trusted"])
+    if old_rows is not None:
+        out["champion"] = estimates(old_rows, **kw)
+        if not out["champion"]["trusted"]:
+            warnings.append(f"champion: {out['champion']['warning']}")
+        mean, lo, hi = paired_value_ci(new_rows, old_rows, spec.ope_bootstrap, alpha)
+        margin = spec.margin * float(np.std(np.asarray(reward, float)))
+        out["diff"] = {"mean": mean, "low": lo, "high": hi, "margin": margin}
+    trusted = not warnings
+    out["checked"] = old_rows is not None and (
+        spec.value_check if spec.value_check is not None else trusted
+    )
+    out["note"] = (
+        "; ".join(warnings) if warnings else "the off-policy estimates are well conditioned"
+    )
+    if old_rows is not None and not out["checked"]:
+        out["note"] += (
+            "; the value criterion was not applied"
+            if spec.value_check is None
+            else "; the value criterion is off (value_check=false)"
         )
     return out

@@ -31,13 +31,47 @@ def _gate(gate: dict) -> list[str]:
             f"| holdout MSE, challenger − champion | {d['mean']:+.4f} | "
             f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}]; margin {d['margin']:+.4f} |"
         )
+    out += _value_rows(gate.get("value"))
     out += [
         "",
         "**" + ("pass" if gate["passed"] else "reject") + "**: " + "; ".join(gate["reasons"]),
         "",
     ]
+    if (value := gate.get("value")) and value.get("note"):
+        out += [f"Off-policy value: {value['note']}.", ""]
     if rule := gate.get("rule"):
         out += [f"Rule: {rule}", ""]
+    return out
+
+
+def _estimate(e: dict | None, key: str) -> str:
+    if not e:
+        return "—"
+    low, high = e[f"{key}_ci"]
+    return f"{e[key]:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def _value_rows(value: dict | None) -> list[str]:
+    """Off-policy value of each model's decisions (95% bootstrap intervals)."""
+    if not value:
+        return []
+    ch, champ = value["challenger"], value.get("champion")
+    out = [
+        f"| policy value, {name} | {_estimate(ch, key)} | {_estimate(champ, key)} |"
+        for key, name in (("dm", "direct method"), ("snips", "SNIPS"), ("dr", "doubly robust"))
+    ]
+    out.append(
+        f"| effective sample size (matched rows) | {ch['ess']:.0f} ({ch['matched']}) | "
+        + (f"{champ['ess']:.0f} ({champ['matched']})" if champ else "—")
+        + " |"
+    )
+    if d := value.get("diff"):
+        applied = "applied" if value.get("checked") else "not applied"
+        out.append(
+            f"| doubly-robust value, challenger − champion | {d['mean']:+.4f} | "
+            f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}]; margin {-d['margin']:+.4f} "
+            f"({applied}) |"
+        )
     return out
 
 

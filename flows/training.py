@@ -14,7 +14,7 @@ from pathlib import Path
 from core.processes import stop_group
 from core.registry import Registry
 from core.settings import GateSpec, TrainSpec
-from flows.gate import GateDecision, decide
+from flows.gate import GateDecision, decide, value_evidence
 from model.result import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,27 +79,61 @@ def launch(snapshot: Path, out: Path, args: list[str], timeout_s: float) -> Trai
 def judge(
     registry: Registry, result: TrainResult, snapshot: Path, spec: GateSpec, cache: Path
 ) -> GateDecision:
-    """Score the challenger and the current champion on the same holdout; apply the gate."""
+    """Score the challenger and the current champion on the same holdout; estimate
+    the value of each one's decisions off-policy; apply the gate."""
     from model.artifact import load
-    from model.evaluation import evaluate, per_row
     from model.module import read_snapshot, temporal_split
 
     cfg = result.train_config
     df = read_snapshot(Path(snapshot))
     train_df, _, holdout = temporal_split(df, cfg["val_fraction"], cfg["holdout_fraction"])
-    train_mean = float(train_df["reward"].mean())
     challenger = load(result.artifact)
-    new_metrics = evaluate(challenger, holdout, train_mean)
-    new_err = per_row(challenger, holdout)["sq_err"]
     old = registry.champion()
     if old is None:
-        return decide(spec, new_metrics, new_err)
+        return compare(spec, challenger, None, train_df, holdout)
     champ = load(registry.download(old, cache))
+    return compare(spec, challenger, champ, train_df, holdout, old.version)
+
+
+def compare(spec: GateSpec, challenger, champion, train_df, holdout, version=None) -> GateDecision:
+    """The gate on loaded models: metrics, paired errors and off-policy values on
+    `holdout`, with the behaviour policy estimated from `train_df`."""
+    from model.evaluation import evaluate, per_row
+    from model.offpolicy import Behaviour
+
+    train_mean = float(train_df["reward"].mean())
+    new_pr = per_row(challenger, holdout)
+    behaviour = Behaviour(list(train_df["bot"]), list(train_df["input"]), list(train_df["action"]))
+    propensity, _ = behaviour.propensity(
+        list(holdout["bot"]), list(holdout["input"]), list(holdout["action"])
+    )
+    reward = holdout["reward"].to_numpy(float)
+    new_rows = _policy_rows(challenger, challenger, holdout, new_pr["pred"], propensity)
+    new_metrics = evaluate(challenger, holdout, train_mean)
+    if champion is None:
+        value = value_evidence(spec, new_rows, None, reward)
+        return decide(spec, new_metrics, new_pr["sq_err"], value=value)
+    # one reward model for both policies' direct and doubly-robust terms: the
+    # challenger's, trained on the newest rows
+    old_rows = _policy_rows(champion, challenger, holdout, new_pr["pred"], propensity)
     return decide(
         spec,
         new_metrics,
-        new_err,
-        evaluate(champ, holdout, train_mean),
-        per_row(champ, holdout)["sq_err"],
-        old.version,
+        new_pr["sq_err"],
+        evaluate(champion, holdout, train_mean),
+        per_row(champion, holdout)["sq_err"],
+        version,
+        value_evidence(spec, new_rows, old_rows, reward),
+    )
+
+
+def _policy_rows(policy, critic, holdout, q_logged, propensity):
+    """Per-row off-policy pieces of `policy`'s choices, valued by `critic`."""
+    from model.offpolicy import PolicyRows
+
+    bots, inputs, types = list(holdout["bot"]), list(holdout["input"]), list(holdout["data_type"])
+    chosen = policy.choose(bots, inputs, types)
+    q_chosen = critic.score(list(zip(bots, types, inputs, chosen, strict=True)))
+    return PolicyRows.build(
+        q_chosen, q_logged, chosen, list(holdout["action"]), propensity, holdout["reward"]
     )

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from model.features import Encoded, Featurizer
 from model.network import ModelConfig, RewardModel
@@ -29,6 +29,10 @@ class TrainConfig:
     holdout_fraction: float = 0.2  # newest rows overall, for evaluation only
     seed: int = 0
     shuffle_rewards: bool = False  # deliberately break the model (gate tests)
+    # Newer rows are drawn more often: a row this many days older than the newest
+    # training row weighs half as much (0: every row alike). After the reward rule
+    # drifts, the model follows the new rule sooner.
+    half_life_days: float = 3.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,8 +106,27 @@ class SnapshotDataModule(L.LightningDataModule):
             )
         )
 
+    def recency_weights(self) -> np.ndarray | None:
+        """Sampling weight of each training row, 1 for the newest (None: uniform)."""
+        if self.cfg.half_life_days <= 0:
+            return None
+        t = self.train_df["created_at"]
+        age_days = (t.max() - t).dt.total_seconds().to_numpy() / 86400.0
+        return np.exp2(-age_days / self.cfg.half_life_days)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True)
+        weights = self.recency_weights()
+        if weights is None:
+            return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True)
+        # an epoch draws as many rows as there are, newer ones more often (under DDP
+        # Lightning splits the draws between the ranks)
+        sampler = WeightedRandomSampler(
+            torch.as_tensor(weights, dtype=torch.double),
+            num_samples=len(weights),
+            replacement=True,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=512)

@@ -12,10 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -71,12 +72,13 @@ def synthetic_snapshot(
     days: float = 7.0,
     end: datetime | None = None,
     bad: BadRows | None = None,
+    drift_at: datetime | None = None,
 ) -> Path:
     """A snapshot folder (data.parquet + manifest.json) straight from the generator."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     end = end or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
-    df = World(seed=seed).generate(rows, days=days, end=end, bad=bad)
+    df = World(seed=seed, drift_at=drift_at).generate(rows, days=days, end=end, bad=bad)
     df = df.iloc[::-1]  # newest first, as exported
     table = pa.table(
         {
@@ -234,3 +236,64 @@ def module_settings(server_url: str, db_name: str, values: dict[str, str]):
         with conn.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         conn.close()
+
+
+def _train_default(snap: Path, out: Path) -> Path:
+    """`python -m model.train` with its defaults (seed 0)."""
+    r = subprocess.run(
+        model_train_command(snap, out, 0), cwd=ROOT, capture_output=True, text=True, timeout=1800
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def drift_recovery(root: Path, rows: int = 4000) -> dict:
+    """Champion trained on the week before the drift; the nightly run after it trains on
+    the last week (5 of its 7 days drifted). Both judged on that run's holdout by the
+    gate; true values from the generator: what the champion earned before the drift
+    and after, what the retrain earns after, and the share of the loss recovered."""
+    from core.settings import GateSpec
+    from flows.training import compare
+    from model.artifact import load
+    from model.module import read_snapshot, temporal_split
+    from model.result import TrainResult
+
+    end = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    drift = end - timedelta(days=5)
+    before = synthetic_snapshot(root / "before", rows, seed=1, end=drift)
+    after = synthetic_snapshot(root / "after", rows, seed=2, end=end, drift_at=drift)
+    champion = load(_train_default(before, root / "champion") / "artifact")
+    out = _train_default(after, root / "challenger")
+    challenger = load(out / "artifact")
+    cfg = TrainResult.read(out).train_config
+    df = read_snapshot(after)
+    train_df, _, holdout = temporal_split(df, cfg["val_fraction"], cfg["holdout_fraction"])
+    decision = compare(GateSpec(), challenger, champion, train_df, holdout, "1")
+
+    bots, inputs = list(holdout["bot"]), list(holdout["input"])
+    types = list(holdout["data_type"])
+    whens = [t.to_pydatetime().replace(tzinfo=None) for t in holdout["created_at"]]
+    now_world, old_world = World(drift_at=drift), World()
+
+    def value(world, actions) -> float:
+        return float(
+            np.mean(
+                [
+                    world.true_reward(b, x, a, w)
+                    for b, x, a, w in zip(bots, inputs, actions, whens, strict=True)
+                ]
+            )
+        )
+
+    champ_actions = champion.choose(bots, inputs, types)
+    had = value(old_world, champ_actions)  # what the champion earned before the drift
+    has = value(now_world, champ_actions)
+    new = value(now_world, challenger.choose(bots, inputs, types))
+    return {
+        "champion_before": had,
+        "champion_after": has,
+        "challenger_after": new,
+        "lost": had - has,
+        "recovered": (new - has) / (had - has) if had > has else float("nan"),
+        "decision": decision,
+    }

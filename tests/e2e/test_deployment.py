@@ -185,8 +185,14 @@ def test_prefect_deployment_run_trains_registers_promotes_and_serves(env, worker
         f"{MODEL} v1",
         "promoted v1",
         "## After promotion",
+        "| policy value, doubly robust |",
+        "| effective sample size (matched rows) |",
+        "Off-policy value: ",
     ):
         assert part in md, part
+    # the second was judged against v1: the gate's off-policy comparison is in its summary
+    theirs = [x for x in arts if x.flow_run_id == b.id and x.key == "train-summary"]
+    assert "| doubly-robust value, challenger − champion |" in theirs[0].data
     # the server answers with the Production version
     deadline = time.monotonic() + 30
     while True:

@@ -1,8 +1,9 @@
 import numpy as np
 
 from core.settings import GateSpec
-from flows.gate import decide
+from flows.gate import decide, value_evidence
 from flows.summary import render
+from model.offpolicy import PolicyRows
 
 
 def test_summary_has_every_section_and_the_links():
@@ -14,8 +15,18 @@ def test_summary_has_every_section_and_the_links():
         "replay_value": 0.4,
         "rows": 2000,
     }
+    rng = np.random.default_rng(0)
+    reward = rng.normal(0.2, 0.3, 500)
+    logged = [{"action": "a"}] * 250 + [{"action": "b"}] * 250
+    new = PolicyRows.build(
+        np.full(500, 0.3), np.full(500, 0.2), [{"action": "a"}] * 500, logged, 0.5, reward
+    )
+    old = PolicyRows.build(
+        np.full(500, 0.25), np.full(500, 0.2), [{"action": "b"}] * 500, logged, 0.5, reward
+    )
+    value = value_evidence(GateSpec(), new, old, reward)
     gate = decide(
-        GateSpec(), ch, np.full(500, 0.06), dict(ch, rmse=0.27), np.full(500, 0.07), "1"
+        GateSpec(), ch, np.full(500, 0.06), dict(ch, rmse=0.27), np.full(500, 0.07), "1", value
     ).to_dict()
     md = render(
         {
@@ -61,6 +72,11 @@ def test_summary_has_every_section_and_the_links():
         "**pass**",
         "margin +0.0070",
         "Rule: Promote when",
+        "| policy value, doubly robust | ",
+        "| effective sample size (matched rows) | 250 (250) | 250 (250) |",
+        "| doubly-robust value, challenger − champion |",
+        "(applied) |",
+        "Off-policy value: the off-policy estimates are well conditioned.",
         "[valifi-agent v2](http://m/#/models/valifi-agent/versions/2)",
         "(http://m/#/experiments/1/runs/abc)",
     ):

@@ -1,0 +1,221 @@
+"""The value of the decisions: our model against what a practitioner would pick instead.
+
+    python bench/policy_bench.py [--sizes 1000 10000 100000] [--seed 0]
+
+Needs the development extras (`vowpalwabbit`, `lightgbm`). On the synthetic world
+(true rewards known), for each size: one snapshot, split by time as training splits
+it (the newest 20% is the holdout). Every learner trains on the rows before the
+holdout; each then picks one action per holdout context, and the table gives the
+true mean reward of those picks and the share of the behaviour→oracle gap closed:
+
+- ours: `python -m model.train` with its defaults;
+- Vowpal Wabbit's contextual bandit learner with action-dependent features
+  (`--cb_adf --cb_type dr`, context × action interactions, 3 passes), costs = -reward,
+  logged probabilities estimated by model/offpolicy.py's behaviour model;
+- LightGBM: a reward model over flattened context and action features, used as a
+  direct-method policy (the best predicted reward among the bot's actions);
+- the behaviour policy (the logged actions), the most frequent action per bot, and
+  the oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.artifact import action_bank, load  # noqa: E402
+from model.features import canonical_json, leaves  # noqa: E402
+from model.module import TrainConfig, read_snapshot, temporal_split  # noqa: E402
+from model.offpolicy import Behaviour  # noqa: E402
+from model.synthetic import World  # noqa: E402
+from tests.helpers import model_train_command, synthetic_snapshot  # noqa: E402
+
+UNSAFE = re.compile(r"[\s:|]")
+
+
+def _flat(doc, prefix: str) -> dict:
+    """Numbers as values, short strings and booleans as indicators."""
+    out = {}
+    for path, v in leaves(doc, prefix):
+        if isinstance(v, bool | str):
+            if len(str(v)) <= 64:
+                out[f"{path}={v}"] = 1.0
+        elif isinstance(v, int | float) and np.isfinite(v):
+            out[path] = float(v)
+    return out
+
+
+def _vw_features(feats: dict) -> str:
+    return " ".join(
+        f"{UNSAFE.sub('_', k)}:{v:.6g}" if v != 1.0 else UNSAFE.sub("_", k)
+        for k, v in feats.items()
+    )
+
+
+def _context(bot, dt, x) -> dict:
+    return {f"bot={bot}": 1.0, f"dt={dt}": 1.0, **_flat(x, "in")}
+
+
+class VWPolicy:
+    def __init__(self, train, bank, propensity, passes: int = 3, seed: int = 0):
+        import vowpalwabbit
+
+        self.bank = bank
+        self.vw = vowpalwabbit.Workspace(
+            f"--cb_adf --cb_type dr -q CA --quiet --random_seed {seed}"
+        )
+        examples = []
+        for (bot, dt, x, a, r), p in zip(train, propensity, strict=True):
+            key = canonical_json(a)
+            lines = [f"shared |C {_vw_features(_context(bot, dt, x))}"]
+            for b in bank[bot]:
+                label = f"0:{-r:.6g}:{p:.6g} " if canonical_json(b) == key else ""
+                lines.append(f"{label}|A {_vw_features(_flat(b, 'act'))}")
+            examples.append(lines)
+        rng = np.random.default_rng(seed)
+        for _ in range(passes):
+            for i in rng.permutation(len(examples)):
+                self.vw.learn(examples[i])
+
+    def choose(self, bot, dt, x):
+        lines = [f"shared |C {_vw_features(_context(bot, dt, x))}"]
+        lines += [f"|A {_vw_features(_flat(b, 'act'))}" for b in self.bank[bot]]
+        costs = self.vw.predict(lines)
+        return self.bank[bot][int(np.argmin(costs))]
+
+
+class LightGBMPolicy:
+    def __init__(self, train, bank, seed: int = 0):
+        import lightgbm
+        from sklearn.feature_extraction import DictVectorizer
+
+        self.bank = bank
+        self.vec = DictVectorizer()
+        X = self.vec.fit_transform(
+            [_context(b, dt, x) | _flat(a, "act") for b, dt, x, a, _ in train]
+        )
+        y = np.array([r for *_, r in train])
+        self.model = lightgbm.LGBMRegressor(
+            n_estimators=400, learning_rate=0.05, num_leaves=31, random_state=seed, verbose=-1
+        ).fit(X, y)
+
+    def choose_many(self, rows):
+        feats, index = [], []
+        for i, (bot, dt, x) in enumerate(rows):
+            for b in self.bank[bot]:
+                feats.append(_context(bot, dt, x) | _flat(b, "act"))
+                index.append(i)
+        pred = self.model.predict(self.vec.transform(feats))
+        best: dict[int, tuple[float, dict]] = {}
+        k = 0
+        for i, (bot, _, _) in enumerate(rows):
+            for b in self.bank[bot]:
+                if i not in best or pred[k] > best[i][0]:
+                    best[i] = (pred[k], b)
+                k += 1
+        return [best[i][1] for i in range(len(rows))]
+
+
+def run(size: int, seed: int, root: Path) -> dict:
+    world = World(seed=seed)
+    snap = synthetic_snapshot(root / f"snap-{size}", size, seed=seed)
+    cfg = TrainConfig()
+    df = read_snapshot(snap)
+    train_df, val_df, holdout = temporal_split(df, cfg.val_fraction, cfg.holdout_fraction)
+    learn = pd.concat([train_df, val_df])
+    rows = list(
+        zip(
+            learn["bot"],
+            learn["data_type"],
+            learn["input"],
+            learn["action"],
+            learn["reward"],
+            strict=True,
+        )
+    )
+    bank = action_bank(learn)
+    hold = list(zip(holdout["bot"], holdout["data_type"], holdout["input"], strict=True))
+
+    def value(actions) -> float:
+        return float(
+            np.mean(
+                [world.true_reward(b, x, a) for (b, _, x), a in zip(hold, actions, strict=True)]
+            )
+        )
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    out = root / f"ours-{size}"
+    r = subprocess.run(
+        model_train_command(snap, out, seed, "--threads", "2"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    ours = load(out / "artifact")
+    seconds["ours"] = time.perf_counter() - t
+    t = time.perf_counter()
+    behaviour = Behaviour(list(learn["bot"]), list(learn["input"]), list(learn["action"]))
+    propensity, _ = behaviour.propensity(
+        list(learn["bot"]), list(learn["input"]), list(learn["action"])
+    )
+    vw = VWPolicy(rows, bank, propensity, seed=seed)
+    seconds["vw"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gbm = LightGBMPolicy(rows, bank, seed=seed)
+    seconds["lightgbm"] = time.perf_counter() - t
+    frequent = {
+        bot: max(group["action"], key=lambda a, g=group: (g["action"] == a).sum())
+        for bot, group in learn.groupby("bot")
+    }
+    values = {
+        "ours": value(
+            ours.choose([h[0] for h in hold], [h[2] for h in hold], [h[1] for h in hold])
+        ),
+        "Vowpal Wabbit cb_adf (DR)": value([vw.choose(*h) for h in hold]),
+        "LightGBM direct method": value(gbm.choose_many(hold)),
+        "behaviour (logged)": value(list(holdout["action"])),
+        "most frequent action": value([frequent[h[0]] for h in hold]),
+        "oracle": value([world.oracle_action(h[0], h[2]) for h in hold]),
+    }
+    return {"values": values, "seconds": seconds, "holdout": len(hold), "train": len(rows)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="valifi-policy-bench-"))
+    for size in args.sizes:
+        r = run(size, args.seed, root)
+        v = r["values"]
+        lo, hi = v["behaviour (logged)"], v["oracle"]
+        print(
+            f"\n{size:,} rows ({r['train']:,} to learn from, {r['holdout']:,} holdout "
+            f"contexts); training seconds: "
+            + ", ".join(f"{k} {s:.0f}" for k, s in r["seconds"].items())
+        )
+        print("| policy | true mean reward | gap closed |")
+        print("|---|---|---|")
+        for name, val in v.items():
+            gap = (val - lo) / (hi - lo) if hi > lo else float("nan")
+            print(f"| {name} | {val:.4f} | {gap:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
