@@ -7,8 +7,10 @@ longer is killed, group and all, and nothing is registered.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from core.processes import stop_group
@@ -47,29 +49,85 @@ def train_args(
     return args + list(extra or [])
 
 
+def _arg(args: list[str], flag: str, default: int = 1) -> int:
+    return int(args[args.index(flag) + 1]) if flag in args else default
+
+
+def commands(snapshot: Path, out: Path, args: list[str]) -> list[list[str]]:
+    """The processes one training needs on this machine.
+
+    One `python -m model.train` (Lightning starts the ranks of its devices). With
+    `--num-nodes` above 1 and no MASTER_ADDR (no cluster gives the nodes), the nodes
+    run here: one `torchrun` agent per node, meeting at a local rendezvous, so two
+    local "nodes" train one model (gloo on CPU) as two machines would.
+    """
+    train = ["-m", "model.train", "--snapshot", str(snapshot), "--out", str(out)]
+    train += ["--no-progress", *args]
+    nodes = _arg(args, "--num-nodes")
+    if nodes <= 1 or os.environ.get("MASTER_ADDR"):
+        return [[sys.executable, *train]]
+    port = _free_port()
+    return [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nodes}",
+            f"--nproc-per-node={_arg(args, '--devices')}",
+            f"--node-rank={rank}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            *train,
+        ]
+        for rank in range(nodes)
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(snapshot: Path, out: Path, args: list[str], timeout_s: float) -> TrainResult:
-    """Run training to completion (or kill it at `timeout_s`); its log lands in OUT/train.log."""
-    cmd = [sys.executable, "-m", "model.train", "--snapshot", str(snapshot), "--out", str(out)]
-    cmd += ["--no-progress", *args]
+    """Run training to completion (or kill it at `timeout_s`); its log lands in OUT/train.log
+    (with local nodes, node i's in OUT/train-node{i}.log as well)."""
     Path(out).mkdir(parents=True, exist_ok=True)
     log = Path(out) / "train.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(
-            cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-        )
-        try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            stop_group(proc)
-            raise TrainingFailed(
-                f"training timed out after {timeout_s:g} s and was killed (log: {log})"
-            ) from None
-        except BaseException:  # the run was cancelled: take the training down with it
-            stop_group(proc)
-            raise
-    if code != 0:
-        tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-5:])
-        raise TrainingFailed(f"training failed (exit {code}): {tail}")
+    cmds = commands(snapshot, out, args)
+    logs = [log] + [Path(out) / f"train-node{i}.log" for i in range(1, len(cmds))]
+    procs: list[subprocess.Popen] = []
+    try:
+        for cmd, path in zip(cmds, logs, strict=True):
+            with path.open("w") as sink:
+                procs.append(
+                    subprocess.Popen(
+                        cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+                    )
+                )
+        deadline = time.monotonic() + timeout_s
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=max(0.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                raise TrainingFailed(
+                    f"training timed out after {timeout_s:g} s and was killed (log: {log})"
+                ) from None
+            if codes[-1] != 0:
+                break  # one node failed: the others cannot finish
+    finally:  # a timeout, a failed node or a cancelled run: take every process down
+        for proc in procs:
+            if proc.poll() is None:
+                stop_group(proc)
+    failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+    if failed:
+        i, code = failed[0]
+        tail = "\n".join(logs[i].read_text(errors="replace").strip().splitlines()[-5:])
+        where = f" on node {i}" if len(cmds) > 1 else ""
+        raise TrainingFailed(f"training failed{where} (exit {code}): {tail}")
     try:
         return TrainResult.read(out)
     except FileNotFoundError:

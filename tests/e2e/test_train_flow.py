@@ -144,6 +144,19 @@ def test_a_promotion_made_while_a_run_is_evaluating_is_not_undone_by_that_run(en
     registry.client.set_registered_model_alias(MODEL, "Production", before)
 
 
+def test_two_local_nodes_train_one_model_that_is_registered(env, registry):
+    """num_nodes=2 from the flow: two torchrun agents on this machine, gloo on CPU."""
+    count = len(registry.versions())
+    state = _run(num_nodes=2, devices=1, max_epochs=2)
+    assert state.is_completed(), state.message
+    versions = registry.versions()
+    assert len(versions) == count + 1
+    tags = registry.client.get_model_version(MODEL, versions[-1].version).tags
+    trainer = json.loads(tags["config"])["trainer"]
+    assert trainer["world_size"] == 2 and trainer["num_nodes"] == 2, trainer
+    assert tags["gate_decision"] in ("pass", "reject")
+
+
 def test_training_that_hangs_is_killed_and_registers_nothing(env, registry, monkeypatch):
     import psutil
 

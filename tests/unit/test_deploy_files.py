@@ -1,8 +1,12 @@
 """Static checks of the container files (no Docker engine on CI machines)."""
 
+import os
+import re
 import shlex
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import pytest
 import yaml
 
 from valifi.cli import build_parser
@@ -75,3 +79,114 @@ def test_the_application_image_holds_every_package_of_the_project():
     packages = [p.rstrip("*") for p in wanted["packages"]["find"]["include"]]
     assert packages and all(f"COPY {p} ./{p}" in text for p in packages), packages
     assert all((ROOT / p / "__init__.py").is_file() for p in packages)
+
+
+# --- the Compose specification, checked offline ----------------------------------------
+
+APPS = ("seed", "worker", "agent")  # services built from this project's image
+LONG_RUNNING = ("postgres", "mlflow", "prefect", "agent")  # answer on a port: health-checked
+
+
+def _spec(text: str):
+    from compose_spec import PyCompose
+
+    c = PyCompose.from_yaml(text)
+    c.validate()
+    return c
+
+
+def test_the_compose_file_follows_the_compose_specification():
+    c = _spec((ROOT / "docker-compose.yml").read_text())
+    assert c.name == "valifi"  # the spec's top-level name (older parsers refuse it)
+    assert set(c.service_names()) == set(_compose()["services"])
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "why"),
+    [
+        ('ports: ["127.0.0.1:8000:8000"]', "ports: 8000", "ports"),
+        ("condition: service_completed_successfully", "condition: when_ready", "condition"),
+        ("interval: 10s", "interval: often", "interval"),
+        ("services:", "service:", "services"),
+    ],
+)
+def test_the_spec_parser_rejects_a_malformed_compose_file(old, new, why):
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert old in text
+    with pytest.raises(ValueError, match=why):
+        _spec(text.replace(old, new, 1))
+
+
+def test_app_environment_and_ports_match_the_settings(monkeypatch):
+    from core.settings import Settings
+
+    services = _compose()["services"]
+    for name in APPS:
+        env = services[name]["environment"]
+        for key in list(os.environ):
+            if key.startswith("VALIFI_") or key in env:
+                monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, str(value))
+        s = Settings(_env_file=None)
+        assert s.database_url == env["DATABASE_URL"], name
+        assert s.mlflow_tracking_uri == env["MLFLOW_TRACKING_URI"], name
+        assert s.prefect_api_url == env["PREFECT_API_URL"], name
+        assert s.python_agent_url == env["PYTHON_AGENT_URL"], name
+        assert str(s.data_dir) == env["VALIFI_DATA_DIR"], name
+    env = services["agent"]["environment"]
+    # each URL names a service of this file on the port that service listens on
+    listens = {
+        "mlflow": _port_of((ROOT / "mlflow" / "entrypoint.sh").read_text(), r"--port (\d+)"),
+        "prefect": _port_of(services["prefect"]["command"], r"--port (\d+)"),
+        "agent": _port_of(services["agent"]["command"], r"--port (\d+)"),
+        "postgres": 5432,
+    }
+    for key in ("DATABASE_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PYTHON_AGENT_URL"):
+        parts = urlsplit(env[key])
+        assert parts.port == listens[parts.hostname], key
+    for name in ("mlflow", "prefect", "agent", "postgres"):
+        published = [str(p).rsplit(":", 1)[-1] for p in services[name].get("ports", [])]
+        assert published == [str(listens[name])], name
+        health = " ".join(services[name]["healthcheck"]["test"])
+        assert name == "postgres" or f":{listens[name]}/" in health, name
+
+
+def _port_of(text: str, pattern: str) -> int:
+    return int(re.search(pattern, text).group(1))
+
+
+def test_health_checks_and_start_order():
+    services = _compose()["services"]
+    for name in LONG_RUNNING:
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no health check"
+    for name, svc in services.items():
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            want = "service_healthy" if dep in LONG_RUNNING else "service_completed_successfully"
+            assert cond.get("condition") == want, f"{name} -> {dep}: {cond}"
+    assert set(services["worker"]["depends_on"]) == {"postgres", "prefect", "mlflow", "seed"}
+    assert set(services["agent"]["depends_on"]) == {"mlflow"}
+
+
+def test_the_worker_serves_the_pool_of_the_deployment():
+    from valifi.deploy import POOL, worker_command
+
+    cmd = _compose()["services"]["worker"]["command"]
+    assert [step for step in _commands(cmd) if step[0] == "valifi"][-1] == ["valifi", "worker"]
+    pool = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]["work_pool"]
+    assert pool["name"] == POOL
+    from core.settings import Settings
+
+    argv, _ = worker_command(Settings(_env_file=None))
+    assert argv[argv.index("--pool") + 1] == POOL
+
+
+def test_models_travel_through_the_tracking_server_not_a_shared_disk():
+    services = _compose()["services"]
+    entry = (ROOT / "mlflow" / "entrypoint.sh").read_text()
+    assert "--artifacts-destination" in entry and "--no-serve-artifacts" not in entry
+    mlflow_volumes = {v.split(":")[0] for v in services["mlflow"]["volumes"]}
+    for name in APPS:
+        mounted = {str(v).split(":")[0] for v in services[name].get("volumes", [])}
+        assert not mounted & mlflow_volumes, f"{name} mounts MLflow's store"
+        assert services[name]["environment"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow:")
