@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -84,15 +83,10 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="per level, before the tail")
     args = p.parse_args()
 
-    from core.settings import Settings
     from mlflow import MlflowClient
-    from tests.helpers import _SESSION_DIR, STACK_ENV
-    from valifi import stack
+    from tests.helpers import own_mlflow
 
-    settings = Settings(_env_file=None)
-    try:
-        stack.start(settings, {"mlflow"})
-        url = STACK_ENV["MLFLOW_TRACKING_URI"]
+    with own_mlflow() as url:
         client = MlflowClient(url)
         client.create_registered_model(MODEL)
         for _ in range(2):  # versions need no artifacts to be named by an alias
@@ -112,10 +106,7 @@ def main() -> int:
                     f"| {r['max']:.1f} | {r['converged']:.2f} s ({r['saw']}/{n}) |",
                     flush=True,
                 )
-        return 0
-    finally:
-        stack.down(settings)
-        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -372,42 +371,35 @@ def main() -> int:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
     # an MLflow server and data folder of this run's own (set by importing the helpers)
-    from core.settings import Settings
-    from tests.helpers import _SESSION_DIR, STACK_ENV, free_port, stop_server
-    from valifi import stack
+    from tests.helpers import _SESSION_DIR, free_port, own_mlflow, stop_server
 
-    settings = Settings(_env_file=None)
     procs: dict[str, subprocess.Popen] = {}
-    try:
-        stack.start(settings, {"mlflow"})
-        uri = STACK_ENV["MLFLOW_TRACKING_URI"]
-        print(f"training and promoting a model in {uri} ...", flush=True)
-        version = train_and_promote(uri, _SESSION_DIR / "train")
-        execute, records, mixed = requests_for()
-        bodies = {"execute": execute, "records": records, "mixed": mixed}
-        ports = {n: free_port() for n in NAMES}
-        started = servers(ports, args.workers, _SESSION_DIR / "serve")
-        logs = _SESSION_DIR / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        for name, (cmd, env, _) in started.items():
-            procs[name] = start(cmd, env, logs / f"{ports[name]}.log")
-        for name, (_, _, url) in started.items():
-            wait_until(url, records[0] if name.startswith("mlflow") else execute[0])
-        print(f"v{version} served by every server; cores: {os.cpu_count()}", flush=True)
-        ours = "valifi serve"
-        if not args.worst_only:
-            table: dict = {}
-            measure(args, table, started, bodies, procs)
-            met = report(table, args.concurrency)
-            print(f"\ntargets {'met' if met else 'NOT met'}")
-        measure_worst(started[ours][2], procs[ours].pid, execute[0], args.seconds)
-        return 0
-    finally:
-        for proc in procs.values():
-            stop_server(proc)
-        stack.down(settings)
-        if not os.environ.get("VALIFI_KEEP_BENCH_DATA"):
-            shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    with own_mlflow() as uri:
+        try:
+            print(f"training and promoting a model in {uri} ...", flush=True)
+            version = train_and_promote(uri, _SESSION_DIR / "train")
+            execute, records, mixed = requests_for()
+            bodies = {"execute": execute, "records": records, "mixed": mixed}
+            ports = {n: free_port() for n in NAMES}
+            started = servers(ports, args.workers, _SESSION_DIR / "serve")
+            logs = _SESSION_DIR / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            for name, (cmd, env, _) in started.items():
+                procs[name] = start(cmd, env, logs / f"{ports[name]}.log")
+            for name, (_, _, url) in started.items():
+                wait_until(url, records[0] if name.startswith("mlflow") else execute[0])
+            print(f"v{version} served by every server; cores: {os.cpu_count()}", flush=True)
+            ours = "valifi serve"
+            if not args.worst_only:
+                table: dict = {}
+                measure(args, table, started, bodies, procs)
+                met = report(table, args.concurrency)
+                print(f"\ntargets {'met' if met else 'NOT met'}")
+            measure_worst(started[ours][2], procs[ours].pid, execute[0], args.seconds)
+            return 0
+        finally:
+            for proc in procs.values():
+                stop_server(proc)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ name with no Production version) and keeps the server until its stdin closes.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 MODEL = "valifi-agent-client-tests"
@@ -18,23 +17,15 @@ MODEL = "valifi-agent-client-tests"
 
 def main() -> int:
     from core.registry import Registry
-    from core.settings import Settings
-    from tests.helpers import _SESSION_DIR, STACK_ENV, register_small
-    from valifi import stack
+    from tests.helpers import _SESSION_DIR, own_mlflow, register_small
 
-    settings = Settings(_env_file=None)
-    try:
-        stack.start(settings, {"mlflow"})
-        uri = STACK_ENV["MLFLOW_TRACKING_URI"]
+    with own_mlflow() as uri:
         version = register_small(uri, MODEL, _SESSION_DIR / "train", seed=1)
         Registry(uri, MODEL).promote(version, "client tests")
         info = {"tracking_uri": uri, "model": MODEL, "empty_model": f"{MODEL}-unpromoted"}
         print(json.dumps(info), flush=True)
         sys.stdin.read()  # until the tests end
-        return 0
-    finally:
-        stack.down(settings)
-        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -297,3 +299,21 @@ def drift_recovery(root: Path, rows: int = 4000) -> dict:
         "recovered": (new - has) / (had - has) if had > has else float("nan"),
         "decision": decision,
     }
+
+
+@contextlib.contextmanager
+def own_mlflow() -> Iterator[str]:
+    """An MLflow tracking server of this process's own, in its throw-away data folder
+    (what `valifi stack` starts); yields its URI. Stops it and removes the folder
+    afterwards, unless VALIFI_KEEP_BENCH_DATA is set."""
+    from core.settings import Settings
+    from valifi import stack
+
+    settings = Settings(_env_file=None)
+    try:
+        stack.start(settings, {"mlflow"})
+        yield STACK_ENV["MLFLOW_TRACKING_URI"]
+    finally:
+        stack.down(settings)
+        if not os.environ.get("VALIFI_KEEP_BENCH_DATA"):
+            shutil.rmtree(_SESSION_DIR, ignore_errors=True)

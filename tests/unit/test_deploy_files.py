@@ -3,6 +3,8 @@
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -190,3 +192,30 @@ def test_models_travel_through_the_tracking_server_not_a_shared_disk():
         mounted = {str(v).split(":")[0] for v in services[name].get("volumes", [])}
         assert not mounted & mlflow_volumes, f"{name} mounts MLflow's store"
         assert services[name]["environment"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow:")
+
+
+def _torch_guard(variant: str) -> subprocess.CompletedProcess:
+    """The Dockerfile's check of the torch it installed, run here against ours."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", "")
+    run = next(line for line in text.splitlines() if line.startswith("RUN pip install"))
+    assert "$TORCH_SPEC" in run and "${TORCH_INDEX_URL:+--index-url" in run
+    guard = run.split("&& ", 1)[1]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "TORCH_VARIANT": variant, "PATH": path}
+    return subprocess.run(["sh", "-c", guard], env=env, capture_output=True, text=True)
+
+
+def test_the_image_build_fails_when_torch_is_not_the_variant_asked_for():
+    import torch
+
+    cpu_here = torch.version.cuda is None
+    ok, wrong = ("cpu", "gpu") if cpu_here else ("gpu", "cpu")
+    assert _torch_guard(ok).returncode == 0
+    refused = _torch_guard(wrong)
+    assert refused.returncode != 0
+    assert f"TORCH_VARIANT={wrong}" in refused.stderr
+    assert ("a CPU build" if cpu_here else "set TORCH_INDEX_URL") in refused.stderr
+    args = _compose()["x-app-build"]["args"]
+    assert args["TORCH_VARIANT"] == "${TORCH_VARIANT:-cpu}"
+    for name in APPS:
+        assert _compose()["services"][name]["build"]["args"] == args, name
