@@ -273,9 +273,16 @@ def export_snapshot(url: str, spec: ExportSpec, out_root: Path) -> Path:
                 f"readable payloads) of {manifest.rows} exported < {spec.min_rows}"
             )
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        final = out_root / f"{stamp}-{manifest.sha256[:12]}"
-        os.rename(tmp, final)  # atomic on one filesystem: the snapshot appears whole
-        return final
+        name = f"{stamp}-{manifest.sha256[:12]}"
+        for n in range(1, 1000):
+            final = out_root / (name if n == 1 else f"{name}-{n}")
+            try:  # atomic on one filesystem: the snapshot appears whole
+                os.rename(tmp, final)
+                return final
+            except OSError:  # the same rows exported twice in one second: another name
+                if not final.exists():
+                    raise
+        raise FileExistsError(f"no free snapshot name for {name} in {out_root}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

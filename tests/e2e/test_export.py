@@ -87,6 +87,14 @@ def test_limit_and_window_and_stable_sha(seeded, tmp_path):
     )
     b = Manifest.read(b_snap)
     assert a.rows == 500 and a.sha256 == b.sha256  # same data, same sha256
+    # the same rows again, into the same folder at once: a snapshot of its own
+    again = [
+        export_snapshot(
+            seeded, ExportSpec(limit=500, until=NOW + timedelta(seconds=1)), b_snap.parent
+        )
+        for _ in range(2)
+    ]
+    assert len({b_snap, *again}) == 3 and all(Manifest.read(p).rows == 500 for p in again)
     c = Manifest.read(export_snapshot(seeded, ExportSpec(limit=501), tmp_path / "c"))
     assert c.sha256 != a.sha256
     short = Manifest.read(
