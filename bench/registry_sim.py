@@ -36,9 +36,15 @@ async def replica(client, url, interval, stop, latencies, seen, moved_at):
     params = {"name": MODEL, "alias": "Production"}
     while time.monotonic() < stop:
         t = time.monotonic()
-        r = await client.get(f"{url}/api/2.0/mlflow/registered-models/alias", params=params)
+        try:
+            r = await client.get(f"{url}/api/2.0/mlflow/registered-models/alias", params=params)
+            r.raise_for_status()
+        except httpx.HTTPError:  # a watcher logs it and polls again
+            seen.setdefault("errors", 0)
+            seen["errors"] += 1
+            await asyncio.sleep(interval)
+            continue
         latencies.append(time.monotonic() - t)
-        r.raise_for_status()
         version = r.json()["model_version"]["version"]
         if version == "2" and moved_at[0] is not None:
             seen.setdefault(asyncio.current_task().get_name(), time.monotonic() - moved_at[0])
@@ -65,7 +71,8 @@ async def level(url, n, interval, seconds, mover) -> dict:
         moved_at[0] = time.monotonic()
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - start
-    lat = np.array(latencies) * 1000
+    errors = seen.pop("errors", 0)
+    lat = np.array(latencies or [np.nan]) * 1000
     return {
         "rate": len(latencies) / elapsed,
         "p50": float(np.percentile(lat, 50)),
@@ -73,6 +80,7 @@ async def level(url, n, interval, seconds, mover) -> dict:
         "max": float(lat.max()),
         "converged": max(seen.values()) if len(seen) == n else float("nan"),
         "saw": len(seen),
+        "errors": errors,
     }
 
 
@@ -89,21 +97,25 @@ def main() -> int:
     with own_mlflow() as url:
         client = MlflowClient(url)
         client.create_registered_model(MODEL)
-        for _ in range(2):  # versions need no artifacts to be named by an alias
-            client.create_model_version(MODEL, source="mlflow-artifacts:/sim/model")
+        run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+        for _ in range(2):  # versions need no files to be named by an alias
+            client.create_model_version(
+                MODEL, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+            )
 
         def move(version: int) -> None:
             client.set_registered_model_alias(MODEL, "Production", str(version))
 
         print(f"MLflow at {url} (1 worker); cores: {os.cpu_count()}")
-        print("| replicas | poll s | registry req/s | p50 ms | p99 ms | max ms | all saw it |")
-        print("|---|---|---|---|---|---|---|")
+        print("| replicas | poll s | req/s | p50 ms | p99 ms | max ms | all saw it | failed |")
+        print("|---|---|---|---|---|---|---|---|")
         for interval in args.intervals:
             for n in args.replicas:
                 r = asyncio.run(level(url, n, interval, args.seconds, move))
                 print(
                     f"| {n} | {interval:g} | {r['rate']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} "
-                    f"| {r['max']:.1f} | {r['converged']:.2f} s ({r['saw']}/{n}) |",
+                    f"| {r['max']:.1f} | {r['converged']:.2f} s ({r['saw']}/{n}) "
+                    f"| {r['errors']} |",
                     flush=True,
                 )
     return 0
