@@ -170,17 +170,19 @@ def _value_criterion(spec: GateSpec, value: dict, vs: str, reasons: list[str]) -
 def value_evidence(spec: GateSpec, new_rows, old_rows, reward: np.ndarray) -> dict:
     """Off-policy estimates for the gate from per-row pieces (model.offpolicy.PolicyRows)
     of the challenger and, when there is one, the champion."""
-    from model.offpolicy import estimates, paired_value_ci
+    from model.offpolicy import estimates
 
     alpha = 1 - spec.confidence
     kw = {"n_boot": spec.ope_bootstrap, "alpha": alpha, "min_ess": spec.ope_min_ess}
     out: dict = {"challenger": estimates(new_rows, **kw), "champion": None, "diff": None}
-    warnings = [f"challenger: {out['challenger']['warning']}"] * (not out["challenger"]["trusted"])
+    warnings = []
+    if not out["challenger"]["trusted"]:
+        warnings.append(f"challenger: {out['challenger']['warning']}")
     if old_rows is not None:
         out["champion"] = estimates(old_rows, **kw)
         if not out["champion"]["trusted"]:
             warnings.append(f"champion: {out['champion']['warning']}")
-        mean, lo, hi = paired_value_ci(new_rows, old_rows, spec.ope_bootstrap, alpha)
+        mean, lo, hi = paired_bootstrap_ci(new_rows.dr, old_rows.dr, spec.ope_bootstrap, alpha)
         margin = spec.margin * float(np.std(np.asarray(reward, float)))
         out["diff"] = {"mean": mean, "low": lo, "high": hi, "margin": margin}
     trusted = not warnings

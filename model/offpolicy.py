@@ -190,12 +190,3 @@ def conditioning(est: dict, min_ess: float) -> str | None:
             "takes, so the estimate is too noisy to trust"
         )
     return None
-
-
-def paired_value_ci(
-    new: PolicyRows, old: PolicyRows, n_boot: int, alpha: float, seed: int = 0
-) -> tuple[float, float, float]:
-    """DR value of new minus old, paired by row: (mean, low, high)."""
-    from model.metrics import paired_bootstrap_ci
-
-    return paired_bootstrap_ci(new.dr, old.dr, n_boot, alpha, seed)
