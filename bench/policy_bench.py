@@ -1,6 +1,6 @@
 """The value of the decisions: our model against what a practitioner would pick instead.
 
-    python bench/policy_bench.py [--sizes 1000 10000 100000] [--seed 0]
+    python bench/policy_bench.py [--sizes 1000 10000 100000] [--seed 0] [--world hard]
 
 Needs the development extras (`vowpalwabbit`, `lightgbm`). On the synthetic world
 (true rewards known), for each size: one snapshot, split by time as training splits
@@ -16,6 +16,9 @@ true mean reward of those picks and the share of the behaviour→oracle gap clos
   direct-method policy (the best predicted reward among the bot's actions);
 - the behaviour policy (the logged actions), the most frequent action per bot, and
   the oracle.
+
+`--world hard` runs on the generator's harder world (more and parameterised actions,
+noisier rewards, a best action the behaviour policy almost never tries).
 """
 
 from __future__ import annotations
@@ -127,9 +130,9 @@ class LightGBMPolicy:
         return [best[i][1] for i in range(len(rows))]
 
 
-def run(size: int, seed: int, root: Path) -> dict:
-    world = World(seed=seed)
-    snap = synthetic_snapshot(root / f"snap-{size}", size, seed=seed)
+def run(size: int, seed: int, root: Path, hard: bool = False) -> dict:
+    world = World(seed=seed, hard=hard)
+    snap = synthetic_snapshot(root / f"snap-{size}", size, seed=seed, hard=hard)
     cfg = TrainConfig()
     df = read_snapshot(snap)
     train_df, val_df, holdout = temporal_split(df, cfg.val_fraction, cfg.holdout_fraction)
@@ -198,10 +201,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", choices=["default", "hard"], default="default")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="valifi-policy-bench-"))
+    print(f"world: {args.world}")
     for size in args.sizes:
-        r = run(size, args.seed, root)
+        r = run(size, args.seed, root, hard=args.world == "hard")
         v = r["values"]
         lo, hi = v["behaviour (logged)"], v["oracle"]
         print(

@@ -88,8 +88,8 @@ def true_values(model: AgentModel, holdout: pd.DataFrame, chosen: list[dict], wo
     }
 
 
-def synthetic_world(drift_at: str | None):
+def synthetic_world(drift_at: str | None, hard: bool = False):
     """The generator's ground truth (rewards do not depend on its seed)."""
     from model.synthetic import World
 
-    return World(drift_at=datetime.fromisoformat(drift_at) if drift_at else None)
+    return World(drift_at=datetime.fromisoformat(drift_at) if drift_at else None, hard=hard)

@@ -10,6 +10,12 @@ behaviour policy and of the oracle.
 Rewards hinge on numbers crossing levels (an RSI above 70, a drawdown above 15%),
 like the rewards of the real bots. After `drift_at` the trading regime flips from
 mean reversion to momentum. Everything is deterministic for a given seed.
+
+`World(hard=True)` is a harder world over the same contexts: twice as many actions
+per bot, most of them parameterised (a size, a horizon, a channel), rewards twice as
+noisy, and in every bot one action that is the best in some contexts but that the
+behaviour policy almost never tries (its skill ignores it, its exploration picks it
+a twentieth as often as the others).
 """
 
 from __future__ import annotations
@@ -181,6 +187,83 @@ def _onboarding_reward(x: Doc, a: Doc, regime: int) -> float:
     }[a["action"]]
 
 
+# --- the harder world's actions: parameterised, more of them, one rarely explored ---
+
+
+def _hard_trading_reward(x: Doc, a: Doc, regime: int) -> float:
+    rsi, vol = x["indicators"]["rsi"], x["indicators"]["volatility"]
+    if a["action"] == "hedge":  # the rarely explored one: pays whenever volatility is high
+        return 0.85 if vol > 0.65 else -0.4
+    if a["action"] == "hold":
+        return 0.05
+    if regime == 0:
+        edge = 0.8 if rsi < 30 else -0.8 if rsi > 70 else 0.5 * x["sentiment"]
+    else:
+        edge = 0.7 if rsi > 70 else -0.7 if rsi < 30 else 0.3 * x["sentiment"]
+    scale = (a["size_pct"] / 50) ** 0.5  # bigger positions: more of the edge ...
+    risk = 0.6 * (a["size_pct"] / 50) * (vol > 0.5)  # ... and of the volatility
+    if a["action"] == "sell":
+        return -0.8 * edge * scale - 0.5 * risk
+    if "stop_loss_pct" in a:  # a stop caps the loss of a long position
+        return max(edge, -0.25) * scale * 0.8 - 0.5 * risk
+    return edge * scale - risk
+
+
+def _hard_stocks_reward(x: Doc, a: Doc, regime: int) -> float:
+    f = x["fundamentals"]
+    value = _stocks_reward(x, {"action": "recommend_buy"}, regime) / 0.7
+    name = a["action"]
+    if name == "covered_call":  # the rarely explored one: income on a fairly valued payer
+        return 0.75 if f["dividend_yield"] > 0.035 and 15 <= f["pe_ratio"] <= 40 else -0.35
+    if name == "recommend_buy":
+        long = a["horizon_months"] >= 12
+        # a long horizon pays on cheap stocks, a short one on earnings surprises
+        return 0.7 * value + (0.2 if long == (f["pe_ratio"] < 15) else -0.2)
+    if name == "recommend_sell":
+        return -0.6 * value
+    if name == "recommend_hold":
+        return 0.15 - 0.2 * abs(value)
+    return 0.0
+
+
+def _hard_portfolio_reward(x: Doc, a: Doc, regime: int) -> float:
+    p = x["portfolio"]
+    name = a["action"]
+    if name == "raise_cash":  # the rarely explored one
+        return 0.8 if p["cash_ratio"] < 0.08 and p["drawdown"] > 0.1 else -0.3
+    if name == "rebalance":
+        # the tighter cap pays only on a very concentrated portfolio
+        tight = a["max_weight_pct"] <= 10
+        hit = p["concentration"] > (0.75 if tight else 0.6)
+        return (0.95 if tight else 0.7) * hit - 0.25
+    if name == "hedge":
+        share = a["hedge_pct"] / 50
+        return (0.9 * (p["drawdown"] > 0.15) - 0.3) * share + 0.1 * (1 - share)
+    if name == "reduce_risk":
+        return 0.7 * (p["sharpe"] < 0.5) - 0.2
+    return 0.35 * (p["sharpe"] > 1.2) - 0.05
+
+
+def _hard_onboarding_reward(x: Doc, a: Doc, regime: int) -> float:
+    u = x["user"]
+    stuck = u["kyc_status"] in ("none", "pending")
+    name = a["action"]
+    if name == "offer_video_call":  # the rarely explored one
+        return 0.9 if u["kyc_status"] == "rejected" and u["account_age_days"] < 30 else -0.35
+    if name == "send_kyc_link":
+        # a text message works in the app, an e-mail elsewhere
+        wrong_way = (a["via"] == "sms") != (x["channel"] == "app")
+        return (0.75 if stuck else -0.2) - (0.25 if wrong_way else 0.0)
+    if name == "escalate_to_human":
+        return 0.6 if u["kyc_status"] == "rejected" else -0.3
+    if name == "show_deposit_guide":
+        return 0.6 if u["kyc_status"] == "verified" and u["step"] == "funding" else -0.1
+    fits = (a["level"] == "advanced") == (u["account_age_days"] > 60)
+    return (0.5 if u["step"] in ("signup", "first_trade") and not stuck else 0.0) + (
+        0.1 if fits else -0.15
+    )
+
+
 @dataclass(frozen=True)
 class Bot:
     name: str
@@ -190,6 +273,7 @@ class Bot:
     data_types: tuple[float, float, float]  # probabilities over DATA_TYPES
     context: Callable[[np.random.Generator], Doc] = field(repr=False)
     reward: Callable[[Doc, Doc, int], float] = field(repr=False)
+    rare: int | None = None  # an action the behaviour policy almost never tries
 
 
 BOTS: dict[str, Bot] = {
@@ -245,6 +329,78 @@ BOTS: dict[str, Bot] = {
 }
 
 
+HARD_BOTS: dict[str, Bot] = {
+    b.name: b
+    for b in [
+        Bot(
+            "trading_advanced",
+            "momentum_ai",
+            [
+                *(_act("buy", size_pct=p) for p in (5, 20, 50)),
+                _act("buy", size_pct=20, stop_loss_pct=5),
+                *(_act("sell", size_pct=p) for p in (20, 50)),
+                _act("hold"),
+                _act("hedge", instrument="put", strike_pct=90),
+            ],
+            6,
+            (0.6, 0.1, 0.3),
+            _trading_context,
+            _hard_trading_reward,
+            rare=7,
+        ),
+        Bot(
+            "financial_stocks",
+            "dca",
+            [
+                *(_act("recommend_buy", horizon_months=m) for m in (3, 12, 36)),
+                _act("recommend_sell"),
+                _act("recommend_hold"),
+                _act("research_more"),
+                _act("covered_call", strike_pct=105),
+            ],
+            4,
+            (0.6, 0.2, 0.2),
+            _stocks_context,
+            _hard_stocks_reward,
+            rare=6,
+        ),
+        Bot(
+            "analytics_portfolio",
+            "market_making",
+            [
+                *(_act("rebalance", max_weight_pct=w) for w in (10, 25)),
+                *(_act("hedge", hedge_pct=h) for h in (20, 50)),
+                _act("reduce_risk"),
+                _act("hold"),
+                _act("raise_cash", target_pct=10),
+            ],
+            5,
+            (0.3, 0.3, 0.4),
+            _portfolio_context,
+            _hard_portfolio_reward,
+            rare=6,
+        ),
+        Bot(
+            "platform_onboarding",
+            "grid",
+            [
+                *(_act("send_kyc_link", via=v) for v in ("email", "sms")),
+                _act("escalate_to_human"),
+                _act("show_deposit_guide"),
+                *(_act("show_tutorial", level=v) for v in ("basic", "advanced")),
+                _act("offer_video_call"),
+            ],
+            4,
+            (0.1, 0.8, 0.1),
+            _onboarding_context,
+            _hard_onboarding_reward,
+            rare=6,
+        ),
+    ]
+}
+RARE_EXPLORATION = 0.05  # the rare action's weight in exploration, the others' being 1
+
+
 # --- the world ------------------------------------------------------------------------
 
 
@@ -261,13 +417,25 @@ class BadRows:
 class World:
     """The generator and its ground truth.
 
-    `behaviour` is the mix of the behaviour policy: (habit, uniform random, oracle).
+    `behaviour` is the mix of the behaviour policy: (habit, random exploration, skill).
+    Skill picks the truly best action, except a bot's rare action; exploration picks
+    that one RARE_EXPLORATION times as often as each other. `hard` selects the harder
+    world (HARD_BOTS); its noise defaults to 0.5.
     """
 
     seed: int = 0
     drift_at: datetime | None = None
-    noise: float = 0.25
+    noise: float | None = None  # standard deviation of the reward noise; 0.25, hard 0.5
     behaviour: tuple[float, float, float] = (0.45, 0.35, 0.20)
+    hard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.noise is None:
+            self.noise = 0.5 if self.hard else 0.25
+
+    @property
+    def bots(self) -> dict[str, Bot]:
+        return HARD_BOTS if self.hard else BOTS
 
     # -- ground truth --
     def regime(self, when: datetime | None) -> int:
@@ -275,14 +443,25 @@ class World:
 
     def true_reward(self, bot: str, x: Doc, a: Doc, when: datetime | None = None) -> float:
         """Expected reward of action `a` for bot `bot` in context `x` (before noise)."""
-        return float(BOTS[bot].reward(x, a, self.regime(when)))
+        return float(self.bots[bot].reward(x, a, self.regime(when)))
 
     def rewards(self, bot: str, x: Doc, when: datetime | None = None) -> list[float]:
         """True expected reward of every action of `bot`, in bank order."""
-        return [self.true_reward(bot, x, a, when) for a in BOTS[bot].actions]
+        return [self.true_reward(bot, x, a, when) for a in self.bots[bot].actions]
 
     def oracle_action(self, bot: str, x: Doc, when: datetime | None = None) -> Doc:
-        return BOTS[bot].actions[int(np.argmax(self.rewards(bot, x, when)))]
+        return self.bots[bot].actions[int(np.argmax(self.rewards(bot, x, when)))]
+
+    def _explore(self, bot: Bot) -> np.ndarray:
+        w = np.ones(len(bot.actions))
+        if bot.rare is not None:
+            w[bot.rare] = RARE_EXPLORATION
+        return w / w.sum()
+
+    def _skill(self, bot: Bot, true: list[float]) -> int:
+        if bot.rare is None:
+            return int(np.argmax(true))
+        return int(np.argmax([v if i != bot.rare else -np.inf for i, v in enumerate(true)]))
 
     def policy_value(
         self,
@@ -308,16 +487,20 @@ class World:
         """
         rng = np.random.default_rng(self.seed)
         end = end or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
-        names = list(BOTS)
+        names = list(self.bots)
+        explore = {name: self._explore(b) for name, b in self.bots.items()}
         offsets = np.sort(rng.uniform(0, days * 86400, size=rows))[::-1]
         records = []
         for off in offsets:
-            bot = BOTS[names[int(rng.integers(len(names)))]]
+            bot = self.bots[names[int(rng.integers(len(names)))]]
             when = end - timedelta(seconds=float(off))
             x = bot.context(rng)
             true = self.rewards(bot.name, x, when)
             mode = rng.choice(3, p=self.behaviour)
-            k = (bot.habit, int(rng.integers(len(bot.actions))), int(np.argmax(true)))[mode]
+            explored = int(rng.integers(len(bot.actions)))  # drawn whatever the mode
+            if mode == 1 and bot.rare is not None:
+                explored = int(rng.choice(len(bot.actions), p=explore[bot.name]))
+            k = (bot.habit, explored, self._skill(bot, true))[mode]
             reward = float(np.clip(true[k] + rng.normal(0, self.noise), *REWARD_BOUNDS))
             records.append(
                 {

@@ -52,9 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
         "--ground-truth",
-        choices=["none", "synthetic"],
+        choices=["none", "synthetic", "synthetic-hard"],
         default="none",
-        help="also report true policy values from the synthetic generator",
+        help="also report true policy values from the synthetic generator (or its hard world)",
     )
     p.add_argument("--drift-at", default=None, help="drift date of that generator (ISO)")
     for f in fields(TrainConfig):
@@ -159,7 +159,11 @@ def _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds) -> TrainR
     """Rank 0: evaluate on the holdout and write the artifact and result."""
     bank = artifact.action_bank(data.train_df)
     default_dt = artifact.default_data_types(data.train_df)
-    world = synthetic_world(args.drift_at) if args.ground_truth == "synthetic" else None
+    world = (
+        synthetic_world(args.drift_at, hard=args.ground_truth == "synthetic-hard")
+        if args.ground_truth != "none"
+        else None
+    )
     probe = artifact.AgentModel(net, data.featurizer, bank, default_dt, {}, [], {})
     train_mean = float(data.train_df["reward"].mean())
     metrics = evaluate(probe, data.holdout_df, train_mean, world) if len(data.holdout_df) else {}

@@ -29,10 +29,19 @@ from model.synthetic import BadRows, World
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never one this process handed out before (the kernel
+    may offer a just-closed port again before its first taker binds it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 # The test session's own stack: ports and folders of its own, set before any test
@@ -75,12 +84,14 @@ def synthetic_snapshot(
     end: datetime | None = None,
     bad: BadRows | None = None,
     drift_at: datetime | None = None,
+    hard: bool = False,
 ) -> Path:
-    """A snapshot folder (data.parquet + manifest.json) straight from the generator."""
+    """A snapshot folder (data.parquet + manifest.json) straight from the generator
+    (its hard world with `hard`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     end = end or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
-    df = World(seed=seed, drift_at=drift_at).generate(rows, days=days, end=end, bad=bad)
+    df = World(seed=seed, drift_at=drift_at, hard=hard).generate(rows, days=days, end=end, bad=bad)
     df = df.iloc[::-1]  # newest first, as exported
     table = pa.table(
         {
@@ -151,15 +162,29 @@ def train_small(
 ) -> tuple[Path, Path]:
     """Train with `python -m model.train` on a synthetic snapshot of `rows` rows made with
     `seed`: (snapshot, training output folder). `epochs=None` keeps the model's default;
-    the training seed is `seed` unless `train_seed` is given."""
-    snap = synthetic_snapshot(root / f"snap{seed}", rows, seed=seed)
+    the training seed is `seed` unless `train_seed` is given.
+
+    Training is deterministic, so the same arguments are trained once per test session:
+    a second call gets a copy of the first one's output (its own, to change at will)."""
+    key = (seed, rows, epochs, extra, train_seed)
     out = root / f"out{seed}"
+    if key in _TRAINED:
+        snap, first = _TRAINED[key]
+        shutil.copytree(first, out)
+        return snap, out
+    snap = synthetic_snapshot(root / f"snap{seed}", rows, seed=seed)
     cmd = model_train_command(snap, out, seed if train_seed is None else train_seed, *extra)
     if epochs is not None:
         cmd += ["--max-epochs", str(epochs)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    pristine = _SESSION_DIR / "trained" / f"{len(_TRAINED)}"
+    shutil.copytree(out, pristine)  # kept as trained, whatever the caller does to `out`
+    _TRAINED[key] = (snap, pristine)
     return snap, out
+
+
+_TRAINED: dict[tuple, tuple[Path, Path]] = {}
 
 
 def register_small(uri: str, model: str, root: Path, seed: int, tamper=None) -> str:

@@ -51,7 +51,7 @@ def _seed_data(args: argparse.Namespace, settings: Settings) -> int:
         args.rows,
         days=args.days,
         layout=args.layout,
-        world=World(seed=args.seed, drift_at=drift),
+        world=World(seed=args.seed, drift_at=drift, hard=args.world == "hard"),
         bad=bad,
         mode=mode,
         table=settings.export.table,
@@ -250,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--end", help="timestamp of the newest row (ISO, UTC; default now)")
     s.add_argument("--drift-at", help="rewards follow the shifted regime from this time (ISO)")
+    s.add_argument(
+        "--world",
+        choices=["default", "hard"],
+        default="default",
+        help="hard: more and parameterised actions, noisier rewards, a rarely explored best action",
+    )
     s.add_argument("--bad-null", type=float, default=0.0, help="fraction with NULL reward")
     s.add_argument("--bad-range", type=float, default=0.0, help="fraction out of range")
     s.add_argument("--bad-malformed", type=float, default=0.0, help="fraction malformed")

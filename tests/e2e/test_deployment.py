@@ -221,9 +221,9 @@ def test_a_version_failing_at_serving_time_is_rolled_back_with_the_reason(env, s
     uri = os.environ["MLFLOW_TRACKING_URI"]
     reg = Registry(uri, MODEL)
     if reg.champion() is None:  # (when this test runs alone)
-        reg.promote(register_small(uri, MODEL, tmp_path, seed=8), "a good one")
+        reg.promote(register_small(uri, MODEL, tmp_path, seed=2), "a good one")
     before = reg.champion().version
-    bad = register_small(uri, MODEL, tmp_path, seed=9, tamper=_break_on_probe)
+    bad = register_small(uri, MODEL, tmp_path, seed=3, tamper=_break_on_probe)
     reg.promote(bad, "a version that breaks on some inputs")  # load check passes
 
     stop = threading.Event()

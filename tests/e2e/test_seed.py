@@ -5,7 +5,7 @@ from datetime import datetime, timedelta
 import psycopg2
 import pytest
 
-from model.synthetic import BOTS, World
+from model.synthetic import BOTS, HARD_BOTS, World
 from tests.helpers import valifi
 from valifi.seed import SeedError, seed
 
@@ -85,6 +85,20 @@ def test_cli_seeds_documented_types(server, fresh_db, layout, stack_env):
     newest, oldest = max(r[5] for r in rows), min(r[5] for r in rows)
     assert newest - oldest > timedelta(days=4)
     assert newest >= datetime.utcnow() - timedelta(minutes=5)
+
+
+def test_cli_seeds_the_hard_world(external_pg, fresh_db):
+    url = fresh_db(external_pg)
+    r = valifi("seed-data", "--rows", "600", "--world", "hard", env={"DATABASE_URL": url})
+    assert r.returncode == 0, r.stderr
+    rows = _query(
+        url,
+        "SELECT b.name, d.actual_output FROM bot_training_data d "
+        "JOIN trading_bots b ON b.id = d.bot_id",
+    )
+    assert len(rows) == 600
+    assert all(out in HARD_BOTS[bot].actions for bot, out in rows)
+    assert sum(out not in BOTS[bot].actions for bot, out in rows) > 300  # its own actions
 
 
 @pytest.mark.parametrize("layout", ["app", "design"])

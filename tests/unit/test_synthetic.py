@@ -87,3 +87,37 @@ def test_bad_rows_are_injected_in_the_asked_fractions():
     assert len(malformed) == 10
     assert all(not s.rstrip().endswith("}") for s in malformed)
     assert np.isfinite(df["true_reward"]).all()
+
+
+def test_the_hard_world_has_more_parameterised_actions_noisier_rewards_and_a_rare_best():
+    w = World(seed=7, hard=True)
+    df = w.generate(8000, days=7, end=END)
+    lo, hi = REWARD_BOUNDS
+    assert df["reward"].between(lo, hi).all()
+    assert set(df["bot"]) == set(BOTS)  # the same bots and contexts
+    resid = df["reward"] - df["true_reward"]
+    assert resid.std() > 0.4  # twice the default world's noise, less the clipping
+    for name, bot in w.bots.items():
+        assert len(bot.actions) >= 2 * len(BOTS[name].actions) - 1
+        assert sum(len(a) > 1 for a in bot.actions) >= 3  # parameterised ones
+        rows = df[df["bot"] == name]
+        for action in rows["action"]:
+            assert action in bot.actions
+        rare = bot.actions[bot.rare]
+        tried = sum(a == rare for a in rows["action"]) / len(rows)
+        best = sum(w.oracle_action(name, x) == rare for x in rows["input"]) / len(rows)
+        assert tried < 0.01, name  # the behaviour policy almost never tries it ...
+        assert best > 0.05, name  # ... though it is the best action in many contexts
+    rows = list(zip(df["bot"], df["input"], df["created_at"], strict=True))
+    oracle = w.policy_value(rows, lambda b, x: w.oracle_action(b, x))
+    assert oracle > behaviour_value(df) + 0.2
+
+
+def test_the_hard_option_leaves_the_default_world_as_it_was():
+    # the rows every earlier figure was measured on, pinned
+    rows = World(seed=3).generate(2000, end=datetime(2026, 1, 1))
+    assert round(float(rows["reward"].sum()), 4) == 244.6121
+    a = World(seed=3).generate(300, end=END)
+    b = World(seed=3, hard=False, noise=0.25).generate(300, end=END)
+    pd.testing.assert_frame_equal(a, b)
+    assert not World(seed=3, hard=True).generate(300, end=END)["action"].equals(a["action"])
