@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -66,12 +66,18 @@ def _trading_context(rng: np.random.Generator) -> Doc:
     }
 
 
-def _trading_reward(x: Doc, a: Doc, regime: int) -> float:
-    rsi, vol = x["indicators"]["rsi"], x["indicators"]["volatility"]
+def _trading_edge(x: Doc, regime: int) -> float:
+    """What a long position earns, by regime."""
+    rsi = x["indicators"]["rsi"]
     if regime == 0:  # mean reversion: oversold bounces, overbought falls
-        edge = 0.8 if rsi < 30 else -0.8 if rsi > 70 else 0.5 * x["sentiment"]
-    else:  # momentum: overbought keeps rising, oversold keeps falling
-        edge = 0.7 if rsi > 70 else -0.7 if rsi < 30 else 0.3 * x["sentiment"]
+        return 0.8 if rsi < 30 else -0.8 if rsi > 70 else 0.5 * x["sentiment"]
+    # momentum: overbought keeps rising, oversold keeps falling
+    return 0.7 if rsi > 70 else -0.7 if rsi < 30 else 0.3 * x["sentiment"]
+
+
+def _trading_reward(x: Doc, a: Doc, regime: int) -> float:
+    vol = x["indicators"]["volatility"]
+    edge = _trading_edge(x, regime)
     size = a.get("size")
     return {
         ("buy", "small"): 0.5 * edge,
@@ -104,14 +110,18 @@ def _stocks_context(rng: np.random.Generator) -> Doc:
     }
 
 
-def _stocks_reward(x: Doc, a: Doc, regime: int) -> float:
-    f = x["fundamentals"]
-    value = (
+def _stocks_value(f: Doc) -> float:
+    """How much a stock is worth buying, from its fundamentals."""
+    return (
         0.6 * (f["pe_ratio"] < 15)
         - 0.7 * (f["pe_ratio"] > 40)
         + 0.5 * (f["earnings_surprise"] > 0.05)
         - 0.5 * (f["earnings_surprise"] < -0.05)
     )
+
+
+def _stocks_reward(x: Doc, a: Doc, regime: int) -> float:
+    value = _stocks_value(x["fundamentals"])
     return {
         "recommend_buy": 0.7 * value,
         "recommend_sell": -0.6 * value,
@@ -191,15 +201,12 @@ def _onboarding_reward(x: Doc, a: Doc, regime: int) -> float:
 
 
 def _hard_trading_reward(x: Doc, a: Doc, regime: int) -> float:
-    rsi, vol = x["indicators"]["rsi"], x["indicators"]["volatility"]
+    vol = x["indicators"]["volatility"]
     if a["action"] == "hedge":  # the rarely explored one: pays whenever volatility is high
         return 0.85 if vol > 0.65 else -0.4
     if a["action"] == "hold":
         return 0.05
-    if regime == 0:
-        edge = 0.8 if rsi < 30 else -0.8 if rsi > 70 else 0.5 * x["sentiment"]
-    else:
-        edge = 0.7 if rsi > 70 else -0.7 if rsi < 30 else 0.3 * x["sentiment"]
+    edge = _trading_edge(x, regime)
     scale = (a["size_pct"] / 50) ** 0.5  # bigger positions: more of the edge ...
     risk = 0.6 * (a["size_pct"] / 50) * (vol > 0.5)  # ... and of the volatility
     if a["action"] == "sell":
@@ -211,7 +218,7 @@ def _hard_trading_reward(x: Doc, a: Doc, regime: int) -> float:
 
 def _hard_stocks_reward(x: Doc, a: Doc, regime: int) -> float:
     f = x["fundamentals"]
-    value = _stocks_reward(x, {"action": "recommend_buy"}, regime) / 0.7
+    value = _stocks_value(f)
     name = a["action"]
     if name == "covered_call":  # the rarely explored one: income on a fairly valued payer
         return 0.75 if f["dividend_yield"] > 0.035 and 15 <= f["pe_ratio"] <= 40 else -0.35
@@ -329,12 +336,16 @@ BOTS: dict[str, Bot] = {
 }
 
 
+def _harder(name: str, actions: list[Doc], habit: int, reward, rare: int) -> Bot:
+    """`BOTS[name]` with the harder world's actions and rewards (same contexts)."""
+    return replace(BOTS[name], actions=actions, habit=habit, reward=reward, rare=rare)
+
+
 HARD_BOTS: dict[str, Bot] = {
     b.name: b
     for b in [
-        Bot(
+        _harder(
             "trading_advanced",
-            "momentum_ai",
             [
                 *(_act("buy", size_pct=p) for p in (5, 20, 50)),
                 _act("buy", size_pct=20, stop_loss_pct=5),
@@ -342,15 +353,12 @@ HARD_BOTS: dict[str, Bot] = {
                 _act("hold"),
                 _act("hedge", instrument="put", strike_pct=90),
             ],
-            6,
-            (0.6, 0.1, 0.3),
-            _trading_context,
-            _hard_trading_reward,
+            habit=6,
+            reward=_hard_trading_reward,
             rare=7,
         ),
-        Bot(
+        _harder(
             "financial_stocks",
-            "dca",
             [
                 *(_act("recommend_buy", horizon_months=m) for m in (3, 12, 36)),
                 _act("recommend_sell"),
@@ -358,15 +366,12 @@ HARD_BOTS: dict[str, Bot] = {
                 _act("research_more"),
                 _act("covered_call", strike_pct=105),
             ],
-            4,
-            (0.6, 0.2, 0.2),
-            _stocks_context,
-            _hard_stocks_reward,
+            habit=4,
+            reward=_hard_stocks_reward,
             rare=6,
         ),
-        Bot(
+        _harder(
             "analytics_portfolio",
-            "market_making",
             [
                 *(_act("rebalance", max_weight_pct=w) for w in (10, 25)),
                 *(_act("hedge", hedge_pct=h) for h in (20, 50)),
@@ -374,15 +379,12 @@ HARD_BOTS: dict[str, Bot] = {
                 _act("hold"),
                 _act("raise_cash", target_pct=10),
             ],
-            5,
-            (0.3, 0.3, 0.4),
-            _portfolio_context,
-            _hard_portfolio_reward,
+            habit=5,
+            reward=_hard_portfolio_reward,
             rare=6,
         ),
-        Bot(
+        _harder(
             "platform_onboarding",
-            "grid",
             [
                 *(_act("send_kyc_link", via=v) for v in ("email", "sms")),
                 _act("escalate_to_human"),
@@ -390,10 +392,8 @@ HARD_BOTS: dict[str, Bot] = {
                 *(_act("show_tutorial", level=v) for v in ("basic", "advanced")),
                 _act("offer_video_call"),
             ],
-            4,
-            (0.1, 0.8, 0.1),
-            _onboarding_context,
-            _hard_onboarding_reward,
+            habit=4,
+            reward=_hard_onboarding_reward,
             rare=6,
         ),
     ]
