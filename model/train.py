@@ -68,10 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
+    # an option not given is None (a flag: False); 0 is a value (`0 in (None, False)`
+    # is true, so compare by identity)
     given = {
-        f.name: getattr(args, f.name)
+        f.name: v
         for f in fields(TrainConfig)
-        if getattr(args, f.name) not in (None, False)
+        if (v := getattr(args, f.name)) is not None and v is not False
     }
     return TrainConfig(**given)
 

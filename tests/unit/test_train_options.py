@@ -1,0 +1,23 @@
+"""`python -m model.train` options become the TrainConfig the training uses."""
+
+from __future__ import annotations
+
+from model.module import TrainConfig
+from model.train import parse_args, train_config
+
+BASE = ["--snapshot", "snap", "--out", "out"]
+
+
+def test_options_not_given_keep_the_defaults():
+    assert train_config(parse_args(BASE)) == TrainConfig()
+
+
+def test_zero_is_a_value_not_a_missing_option():
+    cfg = train_config(parse_args([*BASE, "--half-life-days", "0", "--patience", "0"]))
+    assert cfg.half_life_days == 0.0 and cfg.patience == 0
+    assert TrainConfig().half_life_days > 0 and TrainConfig().patience > 0
+
+
+def test_flags_and_values_are_taken():
+    cfg = train_config(parse_args([*BASE, "--shuffle-rewards", "--lr", "0.01", "--seed", "7"]))
+    assert cfg.shuffle_rewards and cfg.lr == 0.01 and cfg.seed == 7
