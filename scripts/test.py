@@ -1,6 +1,10 @@
 """Set up everything and run the linter and the tests: `python3 scripts/test.py [pytest args]`.
 
 `python3 scripts/test.py --fast` runs only the unit tests (seconds, no services).
+
+Tests run in two parallel sessions (`pytest -n 2`, each test file in one of them, each
+session with services of its own): much of an end-to-end test's time is spent waiting
+on servers and schedules, which the other session fills. `-n 0` runs them in one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ def main(argv: list[str]) -> int:
         return 1
     if "--fast" in argv:
         argv = [a for a in argv if a != "--fast"] + ["-m", "not e2e and not slow and not gpu"]
+    if not any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in argv):
+        argv = ["-n", "2", "--dist", "loadfile", *argv]
     return exec_in_env([python, "-m", "pytest", *argv])
 
 

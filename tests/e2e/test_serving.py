@@ -436,27 +436,36 @@ def _p99(latencies: list[float]) -> float:
 
 
 def test_ten_alias_moves_under_load_fail_nothing_and_keep_p99_within_2x(server, versions):
+    # Steady windows and move windows alternate, so whatever else loads the machine
+    # (tests run in parallel) weighs on both alike.
     _settle_on(server, versions, "1")
+    steady_windows: list[tuple[float, float]] = []
+    move_windows: list[tuple[float, float]] = []
     with Load(server) as load:
         time.sleep(1.0)  # warm-up
-        steady_from = time.monotonic()
-        time.sleep(5.0)
-        swaps_from = time.monotonic()
         for i in range(10):
+            start = time.monotonic()
+            time.sleep(0.6)
+            steady_windows.append((start, time.monotonic()))
+            start = time.monotonic()
             target = "2" if i % 2 == 0 else "1"
             set_alias_by_hand(versions, MODEL, target)
             deadline = time.monotonic() + 30
             while _worker_versions(server) != {float(target)}:
                 assert time.monotonic() < deadline, f"move {i + 1}: not every worker on v{target}"
                 time.sleep(0.2)
-        swaps_to = time.monotonic()
+            move_windows.append((start, time.monotonic()))
     assert load.failures() == []
-    steady = [r.latency for r in load.results if steady_from <= r.at < swaps_from]
-    swaps = [r.latency for r in load.results if swaps_from <= r.at <= swaps_to]
+
+    def within(windows):
+        return [r for r in load.results if any(a <= r.at <= b for a, b in windows)]
+
+    steady = [r.latency for r in within(steady_windows)]
+    swaps = [r.latency for r in within(move_windows)]
     assert len(steady) > 100 and len(swaps) > 100
     print(f"\np99 steady {_p99(steady) * 1000:.1f} ms, during 10 moves {_p99(swaps) * 1000:.1f} ms")
     assert _p99(swaps) <= 2 * _p99(steady), (_p99(swaps), _p99(steady))
-    assert {r.version for r in load.results if swaps_from <= r.at <= swaps_to} == {"1", "2"}
+    assert {r.version for r in within(move_windows)} == {"1", "2"}
 
 
 OUTAGE_S = 30

@@ -19,7 +19,14 @@ import httpx
 import pytest
 
 from model.synthetic import BOTS, BadRows, World
-from tests.helpers import ROOT, free_port, mlflow_serve_command, module_settings, valifi
+from tests.helpers import (
+    _SESSION_DIR,
+    ROOT,
+    free_port,
+    mlflow_serve_command,
+    module_settings,
+    valifi,
+)
 from valifi.seed import seed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -165,10 +172,11 @@ def test_training_that_hangs_is_killed_and_registers_nothing(env, registry, monk
     state = _run()
     assert state.is_failed() and "training timed out after 3 s and was killed" in state.message
     assert len(registry.versions()) == count
+    # this session's trainings only (tests run in parallel sessions of their own)
     left = [
-        p.info["cmdline"]
+        cmd
         for p in psutil.process_iter(["cmdline"])
-        if "model.train" in (p.info["cmdline"] or [])
+        if "model.train" in (cmd := p.info["cmdline"] or []) and str(_SESSION_DIR) in " ".join(cmd)
     ]
     assert not left, left
 
