@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
         return 1
     if "--fast" in argv:
         argv = [a for a in argv if a != "--fast"] + ["-m", "not e2e and not slow and not gpu"]
-    if not any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in argv):
+    if not any(a.startswith(("-n", "--numprocesses")) for a in argv):
         argv = ["-n", "2", "--dist", "loadfile", *argv]
     return exec_in_env([python, "-m", "pytest", *argv])
 
