@@ -3,9 +3,10 @@
 A document is flattened into leaves sorted by key path, so key order and
 whitespace never matter. Every leaf starts with a token for its key path:
 
-- a number becomes that one token, carrying the value (standardised per path
-  with statistics from the training snapshot) so the network can compare it
-  with a level;
+- a number becomes that one token, carrying the value twice: standardised per
+  path, and as its quantile among the training snapshot's values of that path
+  (a piecewise-linear CDF), from which the network reads which of evenly
+  populated bins the value passed, so a level is one step for it to learn;
 - a string (or a boolean) becomes the path token followed by its words, from a
   word-level `tokenizers` vocabulary built on the training snapshot.
 
@@ -32,6 +33,8 @@ MAX_LEAF_CHARS = 1024  # a leaf's text is cut here before tokenizing (12 words f
 CACHED_TEXT_CHARS = 128  # word-id cache: texts up to this long ...
 CACHE_ENTRIES = 50_000  # ... and this many of them (a few MB at most)
 Z_CLIP = 6.0
+Token = tuple[int, float, float, int, float]  # id, value, is_num, segment, quantile
+QUANTILES = 33  # points of each path's CDF kept from the training values (32 bins)
 
 
 def canonical_json(doc) -> str:
@@ -87,6 +90,13 @@ class Encoded:
     nums: np.ndarray  # float32 standardised values (0 where not numeric)
     is_num: np.ndarray  # float32 1.0 on numeric tokens
     segment: np.ndarray  # int64 0 context, 1 action
+    quant: np.ndarray  # float32 quantile of the value in [0, 1] (0 where not numeric)
+
+
+def _quantiles(values: list[float]) -> list[float]:
+    """The path's CDF as distinct values at evenly spaced quantiles."""
+    q = np.quantile(np.asarray(values, np.float64), np.linspace(0, 1, QUANTILES))
+    return [float(v) for v in np.unique(q)]
 
 
 class Featurizer:
@@ -99,9 +109,11 @@ class Featurizer:
         words: Tokenizer,
         max_len: int,
         missing_numbers: int = 0,
+        quantiles: dict[str, list[float]] | None = None,
     ):
         self.paths = paths
         self.num_stats = num_stats
+        self.quantiles = quantiles or {}  # none in artifacts made before quantiles
         self.words = words
         self.max_len = max_len
         self._word_cache: dict[str, list[int]] = {}
@@ -144,7 +156,8 @@ class Featurizer:
             show_progress=False,
         )
         words.train_from_iterator(texts, trainer=trainer)
-        return cls(paths, stats, words, max_len, missing)
+        quantiles = {p: _quantiles(v) for p, v in values.items()}
+        return cls(paths, stats, words, max_len, missing, quantiles)
 
     @property
     def word_offset(self) -> int:
@@ -174,61 +187,72 @@ class Featurizer:
         if _is_number(v):
             mean, std = self.num_stats.get(path, (0.0, 1.0))
             z = max(-Z_CLIP, min(Z_CLIP, (float(v) - mean) / std))
-            out.append((pid, z, 1.0, seg))
+            out.append((pid, z, 1.0, seg, self._quantile(path, float(v))))
         elif _is_numeric(v):  # NaN, infinite or out of range: the value is missing
-            out.append((pid, 0.0, 0.0, seg))
+            out.append((pid, 0.0, 0.0, seg, 0.0))
         else:
-            out.append((pid, 0.0, 0.0, seg))
-            out.extend((w, 0.0, 0.0, seg) for w in self._word_ids(_text(v)))
+            out.append((pid, 0.0, 0.0, seg, 0.0))
+            out.extend((w, 0.0, 0.0, seg, 0.0) for w in self._word_ids(_text(v)))
 
-    def context_tokens(self, bot: str, data_type: str, x) -> list[tuple[int, float, float, int]]:
+    def _quantile(self, path: str, v: float) -> float:
+        """Where `v` falls among the training values of `path`, in [0, 1]."""
+        q = self.quantiles.get(path)
+        if not q:
+            return 0.5
+        if len(q) == 1:  # one value seen: below, at or above it
+            return 0.0 if v < q[0] else 1.0 if v > q[0] else 0.5
+        return float(np.interp(v, q, np.linspace(0.0, 1.0, len(q))))
+
+    def context_tokens(self, bot: str, data_type: str, x) -> list[Token]:
         """[CLS] and the meta and input leaves, cut at `max_len` as they are made: a huge
         input costs no more than the tokens that can be kept."""
         meta = {"bot": bot, "data_type": data_type}
         x = x if isinstance(x, dict) else {"_raw": _text(x)}
-        ctx: list = [(CLS, 0.0, 0.0, 0)]
+        ctx: list = [(CLS, 0.0, 0.0, 0, 0.0)]
         for path, v in chain(leaves(meta, "meta"), leaves(x, "in")):
             if len(ctx) >= self.max_len:
                 break
             self._leaf_tokens(path, v, 0, ctx)
         return ctx[: self.max_len]
 
-    def action_tokens(self, action) -> list[tuple[int, float, float, int]]:
+    def action_tokens(self, action) -> list[Token]:
         """[SEP] and the action leaves (at most half the sequence)."""
         action = action if isinstance(action, dict) else {"_raw": _text(action)}
-        act: list = [(SEP, 0.0, 0.0, 1)]
+        act: list = [(SEP, 0.0, 0.0, 1, 0.0)]
         for path, v in leaves(action, "act"):
             if len(act) >= self.max_len // 2:
                 break
             self._leaf_tokens(path, v, 1, act)
         return act[: self.max_len // 2]
 
-    def join(self, ctx: list, act: list) -> list[tuple[int, float, float, int]]:
+    def join(self, ctx: list, act: list) -> list[Token]:
         """One sequence: the context, cut to leave room for the whole action part."""
         return ctx[: self.max_len - len(act)] + act
 
-    def tokens(self, bot: str, data_type: str, x, action) -> list[tuple[int, float, float, int]]:
-        """(id, value, is_num, segment) per token; the action part is never truncated."""
+    def tokens(self, bot: str, data_type: str, x, action) -> list[Token]:
+        """(id, value, is_num, segment, quantile) per token; the action part is never
+        truncated."""
         return self.join(self.context_tokens(bot, data_type, x), self.action_tokens(action))
 
     def encode(self, rows: Iterable[tuple[str, str, object, object]]) -> Encoded:
         """Encode (bot, data_type, input, action) rows into padded arrays."""
         return self.pad([self.tokens(*r) for r in rows])
 
-    def pad(self, seqs: list[list[tuple[int, float, float, int]]]) -> Encoded:
+    def pad(self, seqs: list[list[Token]]) -> Encoded:
         """Token sequences into padded arrays."""
         n, length = len(seqs), self.max_len
         ids = np.zeros((n, length), np.int64)
         nums = np.zeros((n, length), np.float32)
         is_num = np.zeros((n, length), np.float32)
         seg = np.zeros((n, length), np.int64)
+        quant = np.zeros((n, length), np.float32)
         for i, seq in enumerate(seqs):
             k = len(seq)
             if k:
                 a = np.asarray(seq, dtype=np.float64)
                 ids[i, :k], nums[i, :k] = a[:, 0], a[:, 1]
-                is_num[i, :k], seg[i, :k] = a[:, 2], a[:, 3]
-        return Encoded(ids, nums, is_num, seg)
+                is_num[i, :k], seg[i, :k], quant[i, :k] = a[:, 2], a[:, 3], a[:, 4]
+        return Encoded(ids, nums, is_num, seg, quant)
 
     # -- persistence (JSON only) --
     def to_json(self) -> str:
@@ -237,6 +261,7 @@ class Featurizer:
                 "max_len": self.max_len,
                 "paths": self.paths,
                 "num_stats": self.num_stats,
+                "quantiles": self.quantiles,
                 "words": json.loads(self.words.to_str()),
             }
         )
@@ -249,4 +274,5 @@ class Featurizer:
             num_stats={k: (float(v[0]), float(v[1])) for k, v in d["num_stats"].items()},
             words=Tokenizer.from_str(json.dumps(d["words"])),
             max_len=int(d["max_len"]),
+            quantiles={k: [float(x) for x in v] for k, v in d.get("quantiles", {}).items()},
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -15,16 +17,19 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from model.features import Encoded, Featurizer
 from model.network import ModelConfig, RewardModel
 
+SCHEDULES = ("cosine", "constant")
+
 
 @dataclass
 class TrainConfig:
     preset: str = "small"  # network size: small (CPU) or large (GPU)
     max_len: int = 64
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 4e-3
+    gradient_clip: float = 1.0  # largest gradient norm (0: unclipped)
     weight_decay: float = 0.01
     max_epochs: int = 30
-    patience: int = 4  # epochs without a better validation loss before stopping
+    patience: int = 10  # epochs without a better validation loss before stopping
     val_fraction: float = 0.1  # newest rows of the training part, for checkpoints
     holdout_fraction: float = 0.2  # newest rows overall, for evaluation only
     seed: int = 0
@@ -33,6 +38,14 @@ class TrainConfig:
     # training row weighs half as much (0: every row alike). After the reward rule
     # drifts, the model follows the new rule sooner.
     half_life_days: float = 3.0
+    # learning rate: cosine (up over the first tenth of max_epochs, then down to 0) or
+    # constant; the decay settles the weights, where a noisy validation loss would not
+    schedule: str = "cosine"
+    ema_decay: float = 0.99  # weights validated and kept: a moving average (0: the last)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}: {self.schedule!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +81,7 @@ def to_tensors(enc: Encoded, reward: np.ndarray | None = None) -> list[torch.Ten
         torch.from_numpy(enc.nums),
         torch.from_numpy(enc.is_num),
         torch.from_numpy(enc.segment),
+        torch.from_numpy(enc.quant),
     ]
     if reward is not None:
         out.append(torch.as_tensor(reward, dtype=torch.float32))
@@ -132,6 +146,15 @@ class SnapshotDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=512)
 
 
+def warmup_cosine(step: int, total: int, warmup: float = 0.1) -> float:
+    """Learning-rate factor at `step` of `total`: up linearly over the first `warmup`
+    share of the steps, then down to 0 along a cosine (any total, one step included)."""
+    up = max(1, round(warmup * total))
+    if step < up:
+        return (step + 1) / up
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - up) / max(1, total - up))))
+
+
 class RewardRegressor(L.LightningModule):
     """Fits the expected reward of (input, action) with mean squared error."""
 
@@ -141,9 +164,10 @@ class RewardRegressor(L.LightningModule):
         self.net = RewardModel(ModelConfig(**model_config))
         self.lr = train_config["lr"]
         self.weight_decay = train_config["weight_decay"]
+        self.schedule = train_config.get("schedule", "constant")
 
-    def forward(self, ids, nums, is_num, segment):
-        return self.net(ids, nums, is_num, segment)
+    def forward(self, ids, nums, is_num, segment, quant):
+        return self.net(ids, nums, is_num, segment, quant)
 
     def _common_step(self, batch, stage: str) -> torch.Tensor:
         *x, reward = batch
@@ -161,4 +185,9 @@ class RewardRegressor(L.LightningModule):
         self._common_step(batch, "val")
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.schedule == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total=total))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt

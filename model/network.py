@@ -18,14 +18,17 @@ class ModelConfig:
     n_heads: int = 4
     n_layers: int = 2
     d_ff: int = 128  # hidden width of each feed-forward block
-    dropout: float = 0.1
+    dropout: float = 0.0
+    # bins of each number's quantile, one-hot-like (piecewise linear) into its token;
+    # 0: the value alone (artifacts made before quantiles)
+    num_bins: int = 0
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, max_len: int) -> ModelConfig:
         """`small` trains in a minute or two on 2 CPU cores; `large` is meant for GPUs."""
         sizes = {
-            "small": {},
-            "large": {"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048},
+            "small": {"num_bins": 32},
+            "large": {"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048, "num_bins": 32},
         }
         return cls(vocab_size=vocab_size, max_len=max_len, **sizes[name])
 
@@ -45,6 +48,9 @@ class RewardModel(nn.Module):
         self.seg = nn.Embedding(2, d)
         # A number's value, standardised per key path, added to its path token.
         self.num = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
+        # Its quantile, as how far it passed each of `num_bins` equally populated bins:
+        # crossing a level is a step in one input, which a linear map learns at once.
+        self.bins = nn.Linear(cfg.num_bins, d, bias=False) if cfg.num_bins else None
         layer = nn.TransformerEncoderLayer(
             d,
             cfg.n_heads,
@@ -59,14 +65,26 @@ class RewardModel(nn.Module):
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
 
     def forward(
-        self, ids: torch.Tensor, nums: torch.Tensor, is_num: torch.Tensor, segment: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        nums: torch.Tensor,
+        is_num: torch.Tensor,
+        segment: torch.Tensor,
+        quant: torch.Tensor,
     ) -> torch.Tensor:
-        # ids, segment: (B, T) int64; nums, is_num: (B, T) float
+        # ids, segment: (B, T) int64; nums, is_num, quant: (B, T) float
         t = int(ids.ne(PAD).sum(1).max())  # drop the padding columns no row uses
-        ids, nums, is_num, segment = ids[:, :t], nums[:, :t], is_num[:, :t], segment[:, :t]
+        ids, nums, is_num = ids[:, :t], nums[:, :t], is_num[:, :t]
+        segment, quant = segment[:, :t], quant[:, :t]
         b = ids.shape[0]
         pos = torch.arange(t, device=ids.device).expand(b, t)
         x = self.tok(ids) + self.pos(pos) + self.seg(segment)  # (B, T, d)
-        x = x + is_num.unsqueeze(-1) * self.num(nums.unsqueeze(-1))  # (B, T, d)
+        value = self.num(nums.unsqueeze(-1))  # (B, T, d)
+        if self.bins is not None:
+            k = self.cfg.num_bins
+            edges = torch.arange(k, device=ids.device, dtype=quant.dtype)
+            passed = (quant.unsqueeze(-1) * k - edges).clamp(0.0, 1.0)  # (B, T, k)
+            value = value + self.bins(passed)
+        x = x + is_num.unsqueeze(-1) * value  # (B, T, d)
         h = self.encoder(x, src_key_padding_mask=ids.eq(PAD))  # (B, T, d)
         return self.head(self.norm(h[:, 0])).squeeze(-1)  # (B,)

@@ -25,12 +25,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    ModelCheckpoint,
+    TQDMProgressBar,
+    WeightAveraging,
+)
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from model import artifact
 from model.evaluation import evaluate, synthetic_world
-from model.module import RewardRegressor, SnapshotDataModule, TrainConfig
+from model.module import SCHEDULES, RewardRegressor, SnapshotDataModule, TrainConfig
 from model.network import ModelConfig
 from model.result import TrainResult
 
@@ -63,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument(flag, action="store_true")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=None)
+            choices = SCHEDULES if f.name == "schedule" else None
+            p.add_argument(flag, type=kind, default=None, choices=choices)
     return p.parse_args(argv)
 
 
@@ -76,6 +82,17 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         if (v := getattr(args, f.name)) is not None and v is not False
     }
     return TrainConfig(**given)
+
+
+def ema(decay: float):
+    """Exponential moving average of the weights whose decay grows to `decay` over the
+    first steps, so that a short training is not pulled back to its first weights."""
+
+    def average(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = torch.clamp((1 + n) / (10 + n), max=decay).to(avg.dtype)
+        return d * avg + (1 - d) * current
+
+    return average
 
 
 def _on_gpu(accelerator: str) -> bool:
@@ -96,6 +113,8 @@ def build_trainer(args: argparse.Namespace, cfg: TrainConfig) -> tuple[L.Trainer
         filename="best-{epoch}-{val_loss:.4f}",
     )
     callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience)]
+    if cfg.ema_decay > 0:
+        callbacks.append(WeightAveraging(avg_fn=ema(cfg.ema_decay)))
     if args.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
     trainer = L.Trainer(
@@ -111,6 +130,7 @@ def build_trainer(args: argparse.Namespace, cfg: TrainConfig) -> tuple[L.Trainer
         enable_progress_bar=args.progress,
         enable_model_summary=False,
         log_every_n_steps=10,
+        gradient_clip_val=cfg.gradient_clip or None,
     )
     return trainer, checkpoint
 

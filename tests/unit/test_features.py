@@ -72,9 +72,32 @@ def test_unknown_paths_and_words_do_not_fail(fz):
 def test_round_trip_through_json(fz):
     again = Featurizer.from_json(fz.to_json())
     a, b = fz.encode(ROWS), again.encode(ROWS)
-    for f in ("ids", "nums", "is_num", "segment"):
+    for f in ("ids", "nums", "is_num", "segment", "quant"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
     assert again.vocab_size == fz.vocab_size
+
+
+def test_a_number_carries_its_quantile_among_the_training_values():
+    rows = [("bot", "dt", {"rsi": float(v)}, {"action": "a"}) for v in range(10, 91)]
+    fz = Featurizer.build(rows, max_len=16, min_count=1)
+
+    def quantile(v):
+        (tok,) = [t for t in fz.tokens("bot", "dt", {"rsi": v}, {"action": "a"}) if t[2] == 1.0]
+        return tok[4]
+
+    qs = [quantile(v) for v in (-1e9, 10.0, 30.0, 50.0, 70.0, 90.0, 1e9)]
+    assert qs == sorted(qs) and qs[0] == 0.0 and qs[-1] == 1.0  # monotone, clipped
+    assert qs[2] == pytest.approx(0.25, abs=0.02) and qs[4] == pytest.approx(0.75, abs=0.02)
+    words = [t for t in fz.tokens("bot", "dt", {"rsi": "high"}, {"action": "a"}) if t[2] == 0.0]
+    assert all(t[4] == 0.0 for t in words)  # text carries no quantile
+
+
+def test_a_featurizer_saved_before_quantiles_still_loads():
+    old = json.loads(_small_featurizer().to_json())
+    del old["quantiles"]
+    fz = Featurizer.from_json(json.dumps(old))
+    enc = fz.encode([("bot", "market_data", {"rsi": 3.0}, {"action": "buy"})])
+    assert fz.quantiles == {} and enc.is_num.sum() == 1.0
 
 
 def _small_featurizer():
@@ -131,7 +154,7 @@ def test_any_input_featurizes_within_the_length(x):
     fz = _small_featurizer()
     seq = fz.tokens("bot", "market_data", x, {"action": "buy"})
     assert 2 <= len(seq) <= fz.max_len
-    assert all(math.isfinite(v) for _, v, _, _ in seq)
+    assert all(math.isfinite(v) and 0.0 <= q <= 1.0 for _, v, _, _, q in seq)
 
 
 def test_ranking_featurizes_each_context_once_and_scores_as_the_full_rows_would():

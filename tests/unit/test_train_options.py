@@ -21,3 +21,13 @@ def test_zero_is_a_value_not_a_missing_option():
 def test_flags_and_values_are_taken():
     cfg = train_config(parse_args([*BASE, "--shuffle-rewards", "--lr", "0.01", "--seed", "7"]))
     assert cfg.shuffle_rewards and cfg.lr == 0.01 and cfg.seed == 7
+
+
+def test_an_unknown_schedule_is_refused_with_the_choices(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([*BASE, "--schedule", "linear"])
+    assert exit_.value.code == 2 and "cosine" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cosine, constant"):
+        TrainConfig(schedule="linear")

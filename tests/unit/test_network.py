@@ -1,0 +1,61 @@
+"""The network and the training recipe, without a Trainer."""
+
+import pytest
+import torch
+
+from model.features import Featurizer
+from model.module import to_tensors
+from model.network import ModelConfig, RewardModel
+from model.train import ema
+
+ROWS = [("bot", "dt", {"rsi": float(v)}, {"action": a}) for v in range(10, 91) for a in "xy"]
+
+
+def _batch(fz, values):
+    return to_tensors(fz.encode([("bot", "dt", {"rsi": v}, {"action": "x"}) for v in values]))
+
+
+def test_crossing_a_level_is_one_step_of_the_quantile_bins():
+    """With the bins, a level (rsi 70 here) is learnt by one linear map: values on either
+    side of it reach the network as inputs that differ only past that bin."""
+    fz = Featurizer.build(ROWS, max_len=16, min_count=1)
+    torch.manual_seed(0)
+    net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len)).eval()
+    assert net.bins is not None and net.cfg.num_bins == 32
+    with torch.no_grad():
+        a, b, c = net(*_batch(fz, [40.0, 69.0, 71.0])).tolist()
+    assert len({a, b, c}) == 3  # the quantile reaches the output
+
+
+def test_a_network_saved_before_the_bins_is_built_as_it_was():
+    fz = Featurizer.build(ROWS, max_len=16, min_count=1)
+    old = {k: v for k, v in ModelConfig(fz.vocab_size, fz.max_len).to_dict().items()}
+    old.pop("num_bins")
+    net = RewardModel(ModelConfig(**old))
+    assert net.bins is None
+    assert not any(k.startswith("bins") for k in net.state_dict())
+    with torch.no_grad():
+        assert net(*_batch(fz, [50.0])).shape == (1,)
+
+
+def test_the_weight_average_follows_a_short_training_and_settles_on_a_long_one():
+    avg = ema(0.99)
+    first, later = torch.zeros(3), torch.ones(3)
+    # after one averaged step the new weights weigh 1 - 2/11: not pulled back to the start
+    assert avg(first, later, torch.tensor(1))[0] == pytest.approx(9 / 11)
+    # much later the decay is the one asked for
+    assert avg(first, later, torch.tensor(10_000))[0] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 10, 1000])
+def test_the_learning_rate_warms_up_then_decays_to_zero_for_any_number_of_steps(total):
+    from model.module import warmup_cosine
+
+    factors = [warmup_cosine(s, total) for s in range(total + 1)]
+    peak = factors.index(max(factors))
+    assert max(factors) == 1.0 and all(0.0 <= f <= 1.0 for f in factors)
+    assert factors[: peak + 1] == sorted(factors[: peak + 1])  # up ...
+    assert factors[peak:] == sorted(factors[peak:], reverse=True)  # ... then down
+    if total > 1:  # one step is all warm-up
+        assert factors[-1] == pytest.approx(0.0, abs=1e-12)
+    assert peak <= max(1, round(0.1 * total))
