@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -201,7 +202,10 @@ class Featurizer:
             return 0.5
         if len(q) == 1:  # one value seen: below, at or above it
             return 0.0 if v < q[0] else 1.0 if v > q[0] else 0.5
-        return float(np.interp(v, q, np.linspace(0.0, 1.0, len(q))))
+        i = bisect_right(q, v)  # q[i - 1] <= v < q[i]: linear between the two
+        if i == 0 or i == len(q):
+            return 0.0 if i == 0 else 1.0
+        return (i - 1 + (v - q[i - 1]) / (q[i] - q[i - 1])) / (len(q) - 1)
 
     def context_tokens(self, bot: str, data_type: str, x) -> list[Token]:
         """[CLS] and the meta and input leaves, cut at `max_len` as they are made: a huge

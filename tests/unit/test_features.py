@@ -174,3 +174,13 @@ def test_ranking_featurizes_each_context_once_and_scores_as_the_full_rows_would(
     by_action = {json.dumps(r.action, sort_keys=True): r.score for r in ranked}
     for a, score in zip(bank["bot"], full, strict=True):
         assert by_action[json.dumps(a, sort_keys=True)] == pytest.approx(float(score), abs=1e-6)
+
+
+def test_the_quantile_is_the_training_values_piecewise_linear_cdf():
+    rows = [("bot", "dt", {"x": v}, {"action": "a"}) for v in (1.0, 2.0, 4.0, 8.0, 8.0)]
+    fz = Featurizer.build(rows, max_len=16, min_count=1)
+    q = fz.quantiles["in.x"]
+    grid = np.linspace(0, 1, len(q))
+    for v in (-3.0, 1.0, 1.5, 2.0, 3.3, 7.99, 8.0, 100.0):
+        assert fz._quantile("in.x", v) == pytest.approx(float(np.interp(v, q, grid)))
+    assert fz._quantile("in.unseen", 3.0) == 0.5
