@@ -15,21 +15,27 @@ def _batch(fz, values):
     return to_tensors(fz.encode([("bot", "dt", {"rsi": v}, {"action": "x"}) for v in values]))
 
 
-def test_crossing_a_level_is_one_step_of_the_quantile_bins():
-    """With the bins, a level (rsi 70 here) is learnt by one linear map: values on either
-    side of it reach the network as inputs that differ only past that bin."""
+def test_the_quantile_bins_carry_the_value_into_the_network():
+    """With the standardised value's own path silenced, values on either side of a level
+    (rsi 70 here) still score differently: through the bins alone. Silencing the bins
+    too makes them score alike."""
     fz = Featurizer.build(ROWS, max_len=16, min_count=1)
     torch.manual_seed(0)
     net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len)).eval()
     assert net.bins is not None and net.cfg.num_bins == 32
     with torch.no_grad():
+        net.num[-1].weight.zero_()
+        net.num[-1].bias.zero_()
         a, b, c = net(*_batch(fz, [40.0, 69.0, 71.0])).tolist()
-    assert len({a, b, c}) == 3  # the quantile reaches the output
+        assert min(abs(a - b), abs(b - c), abs(a - c)) > 1e-4
+        net.bins.weight.zero_()
+        a, b, c = net(*_batch(fz, [40.0, 69.0, 71.0])).tolist()
+        assert a == pytest.approx(b, abs=1e-6) and b == pytest.approx(c, abs=1e-6)
 
 
 def test_a_network_saved_before_the_bins_is_built_as_it_was():
     fz = Featurizer.build(ROWS, max_len=16, min_count=1)
-    old = {k: v for k, v in ModelConfig(fz.vocab_size, fz.max_len).to_dict().items()}
+    old = ModelConfig(fz.vocab_size, fz.max_len).to_dict()
     old.pop("num_bins")
     net = RewardModel(ModelConfig(**old))
     assert net.bins is None
