@@ -155,6 +155,17 @@ def warmup_cosine(step: int, total: int, warmup: float = 0.1) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - up) / max(1, total - up))))
 
 
+def ema(decay: float):
+    """Exponential moving average of the weights whose decay grows to `decay` over the
+    first steps, so that a short training is not pulled back to its first weights."""
+
+    def average(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = torch.clamp((1 + n) / (10 + n), max=decay).to(avg.dtype)
+        return d * avg + (1 - d) * current
+
+    return average
+
+
 class RewardRegressor(L.LightningModule):
     """Fits the expected reward of (input, action) with mean squared error."""
 

@@ -35,7 +35,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from model import artifact
 from model.evaluation import evaluate, synthetic_world
-from model.module import SCHEDULES, RewardRegressor, SnapshotDataModule, TrainConfig
+from model.module import SCHEDULES, RewardRegressor, SnapshotDataModule, TrainConfig, ema
 from model.network import ModelConfig
 from model.result import TrainResult
 
@@ -82,17 +82,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         if (v := getattr(args, f.name)) is not None and v is not False
     }
     return TrainConfig(**given)
-
-
-def ema(decay: float):
-    """Exponential moving average of the weights whose decay grows to `decay` over the
-    first steps, so that a short training is not pulled back to its first weights."""
-
-    def average(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        d = torch.clamp((1 + n) / (10 + n), max=decay).to(avg.dtype)
-        return d * avg + (1 - d) * current
-
-    return average
 
 
 def _on_gpu(accelerator: str) -> bool:

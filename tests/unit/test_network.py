@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from model.features import Featurizer
-from model.module import to_tensors
+from model.module import ema, to_tensors
 from model.network import ModelConfig, RewardModel
-from model.train import ema
 
 ROWS = [("bot", "dt", {"rsi": float(v)}, {"action": a}) for v in range(10, 91) for a in "xy"]
 
