@@ -34,7 +34,10 @@ class TrainResult:
         }
 
     def write(self, out: Path) -> Path:
-        doc = asdict(self) | {"artifact": str(self.artifact), "runs": str(self.runs)}
+        """Write `OUT/result.json`. Paths inside `out` are kept relative to it, so the
+        folder can be moved or copied and still names its own artifact."""
+        paths = {"artifact": _within(self.artifact, out), "runs": _within(self.runs, out)}
+        doc = asdict(self) | paths
         tmp = Path(out) / f".{FILE}.tmp"
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, Path(out) / FILE)
@@ -45,4 +48,12 @@ class TrainResult:
         """The result in training output folder `out`; FileNotFoundError if training did
         not finish there."""
         doc = json.loads((Path(out) / FILE).read_text())
-        return cls(Path(doc["artifact"]), Path(doc["runs"]), doc["metrics"], doc["config"])
+        # relative paths are inside `out`; absolute ones (older results) stay as written
+        artifact, runs = (Path(out) / doc["artifact"], Path(out) / doc["runs"])
+        return cls(artifact, runs, doc["metrics"], doc["config"])
+
+
+def _within(path: Path, out: Path) -> str:
+    """`path` relative to `out` when it lies inside it, else absolute."""
+    path, out = Path(path).absolute(), Path(out).absolute()
+    return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
