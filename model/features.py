@@ -8,10 +8,17 @@ whitespace never matter. Every leaf starts with a token for its key path:
   (a piecewise-linear CDF), from which the network reads which of evenly
   populated bins the value passed, so a level is one step for it to learn;
 - a string (or a boolean) becomes the path token followed by its words, from a
-  word-level `tokenizers` vocabulary built on the training snapshot.
+  word-level `tokenizers` vocabulary built on the training snapshot. Where the path
+  takes few distinct short values (a status, a channel, an action's name), the
+  value seen in training is a category: its own token takes the path token's place,
+  so "kyc_status is pending" is one token, not a path and a word to be paired up.
 
 Sequence: [CLS] meta leaves (bot, data type) · input leaves · [SEP] · action leaves.
-Segment ids tell context (0) from action (1).
+Segment ids tell context (0) from action (1). A document is a set of leaves, not a
+sentence, so a token's place is its place in its leaf (0 for the leaf's first token,
+1, 2, ... for its words), and each word also carries the path of its leaf: where a
+leaf falls in the sequence (which depends on how many words came before it) says
+nothing.
 """
 
 from __future__ import annotations
@@ -34,8 +41,11 @@ MAX_LEAF_CHARS = 1024  # a leaf's text is cut here before tokenizing (12 words f
 CACHED_TEXT_CHARS = 128  # word-id cache: texts up to this long ...
 CACHE_ENTRIES = 50_000  # ... and this many of them (a few MB at most)
 Z_CLIP = 6.0
-Token = tuple[int, float, float, int, float]  # id, value, is_num, segment, quantile
+# id, value, is_num, segment, quantile, place in the leaf, path of the leaf (words)
+Token = tuple[int, float, float, int, float, int, int]
 QUANTILES = 33  # points of each path's CDF kept from the training values (32 bins)
+CATEGORY_CHARS = 64  # a string this short can be a category ...
+CATEGORIES_PER_PATH = 64  # ... of a path with at most this many distinct values
 
 
 def canonical_json(doc) -> str:
@@ -92,6 +102,8 @@ class Encoded:
     is_num: np.ndarray  # float32 1.0 on numeric tokens
     segment: np.ndarray  # int64 0 context, 1 action
     quant: np.ndarray  # float32 quantile of the value in [0, 1] (0 where not numeric)
+    place: np.ndarray  # int64 place in the leaf: 0 its first token, 1... its words
+    leaf: np.ndarray  # int64 on a word: the path token of its leaf (PAD elsewhere)
 
 
 def _quantiles(values: list[float]) -> list[float]:
@@ -111,11 +123,19 @@ class Featurizer:
         max_len: int,
         missing_numbers: int = 0,
         quantiles: dict[str, list[float]] | None = None,
+        categories: dict[str, list[str]] | None = None,
     ):
         self.paths = paths
         self.num_stats = num_stats
         self.quantiles = quantiles or {}  # none in artifacts made before quantiles
         self.words = words
+        # per path, its category values; none in artifacts made before categories
+        self.categories = categories or {}
+        self._category_ids: dict[tuple[str, str], int] = {}
+        offset = self.word_offset + words.get_vocab_size()
+        for path in sorted(self.categories):
+            for value in self.categories[path]:
+                self._category_ids[(path, value)] = offset + len(self._category_ids)
         self.max_len = max_len
         self._word_cache: dict[str, list[int]] = {}
         self.missing_numbers = missing_numbers  # when built: numbers taken as missing
@@ -133,6 +153,7 @@ class Featurizer:
         path_counts: Counter[str] = Counter()
         values: dict[str, list[float]] = {}
         texts: list[str] = []
+        strings: dict[str, Counter[str]] = {}
         missing = 0
         for bot, data_type, x, action in rows:
             ctx, act = _pair_leaves(bot, data_type, x, action)
@@ -142,6 +163,7 @@ class Featurizer:
                     values.setdefault(path, []).append(float(v))
                 elif not _is_numeric(v):
                     texts.append(_text(v))
+                    strings.setdefault(path, Counter())[_text(v)] += 1
                 else:  # NaN, infinite or beyond float range: missing, not text
                     missing += 1
         kept = sorted(p for p, c in path_counts.items() if c >= min_count)
@@ -158,7 +180,15 @@ class Featurizer:
         )
         words.train_from_iterator(texts, trainer=trainer)
         quantiles = {p: _quantiles(v) for p, v in values.items()}
-        return cls(paths, stats, words, max_len, missing, quantiles)
+        categories = {
+            p: sorted(v for v, c in seen.items() if c >= min_count)
+            for p, seen in strings.items()
+            if p in paths
+            and len(seen) <= CATEGORIES_PER_PATH
+            and all(len(v) <= CATEGORY_CHARS for v in seen)
+        }
+        categories = {p: v for p, v in categories.items() if v}
+        return cls(paths, stats, words, max_len, missing, quantiles, categories)
 
     @property
     def word_offset(self) -> int:
@@ -166,7 +196,11 @@ class Featurizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.word_offset + self.words.get_vocab_size()
+        return self.word_offset + self.words.get_vocab_size() + len(self._category_ids)
+
+    def category(self, path: str, value) -> int | None:
+        """The token of `value` at `path` when it is a category, else None."""
+        return self._category_ids.get((path, _text(value)))
 
     # -- encoding --
     def _word_ids(self, text: str) -> list[int]:
@@ -188,12 +222,15 @@ class Featurizer:
         if _is_number(v):
             mean, std = self.num_stats.get(path, (0.0, 1.0))
             z = max(-Z_CLIP, min(Z_CLIP, (float(v) - mean) / std))
-            out.append((pid, z, 1.0, seg, self._quantile(path, float(v))))
+            out.append((pid, z, 1.0, seg, self._quantile(path, float(v)), 0, PAD))
         elif _is_numeric(v):  # NaN, infinite or out of range: the value is missing
-            out.append((pid, 0.0, 0.0, seg, 0.0))
+            out.append((pid, 0.0, 0.0, seg, 0.0, 0, PAD))
         else:
-            out.append((pid, 0.0, 0.0, seg, 0.0))
-            out.extend((w, 0.0, 0.0, seg, 0.0) for w in self._word_ids(_text(v)))
+            text = _text(v)
+            first = self._category_ids.get((path, text), pid)
+            out.append((first, 0.0, 0.0, seg, 0.0, 0, PAD))
+            words = self._word_ids(text)
+            out.extend((w, 0.0, 0.0, seg, 0.0, i, pid) for i, w in enumerate(words, 1))
 
     def _quantile(self, path: str, v: float) -> float:
         """Where `v` falls among the training values of `path`, in [0, 1]."""
@@ -212,7 +249,7 @@ class Featurizer:
         input costs no more than the tokens that can be kept."""
         meta = {"bot": bot, "data_type": data_type}
         x = x if isinstance(x, dict) else {"_raw": _text(x)}
-        ctx: list = [(CLS, 0.0, 0.0, 0, 0.0)]
+        ctx: list = [(CLS, 0.0, 0.0, 0, 0.0, 0, PAD)]
         for path, v in chain(leaves(meta, "meta"), leaves(x, "in")):
             if len(ctx) >= self.max_len:
                 break
@@ -222,7 +259,7 @@ class Featurizer:
     def action_tokens(self, action) -> list[Token]:
         """[SEP] and the action leaves (at most half the sequence)."""
         action = action if isinstance(action, dict) else {"_raw": _text(action)}
-        act: list = [(SEP, 0.0, 0.0, 1, 0.0)]
+        act: list = [(SEP, 0.0, 0.0, 1, 0.0, 0, PAD)]
         for path, v in leaves(action, "act"):
             if len(act) >= self.max_len // 2:
                 break
@@ -234,8 +271,8 @@ class Featurizer:
         return ctx[: self.max_len - len(act)] + act
 
     def tokens(self, bot: str, data_type: str, x, action) -> list[Token]:
-        """(id, value, is_num, segment, quantile) per token; the action part is never
-        truncated."""
+        """(id, value, is_num, segment, quantile, place, leaf) per token; the action
+        part is never truncated."""
         return self.join(self.context_tokens(bot, data_type, x), self.action_tokens(action))
 
     def encode(self, rows: Iterable[tuple[str, str, object, object]]) -> Encoded:
@@ -250,13 +287,16 @@ class Featurizer:
         is_num = np.zeros((n, length), np.float32)
         seg = np.zeros((n, length), np.int64)
         quant = np.zeros((n, length), np.float32)
+        place = np.zeros((n, length), np.int64)
+        leaf = np.zeros((n, length), np.int64)
         for i, seq in enumerate(seqs):
             k = len(seq)
             if k:
                 a = np.asarray(seq, dtype=np.float64)
                 ids[i, :k], nums[i, :k] = a[:, 0], a[:, 1]
                 is_num[i, :k], seg[i, :k], quant[i, :k] = a[:, 2], a[:, 3], a[:, 4]
-        return Encoded(ids, nums, is_num, seg, quant)
+                place[i, :k], leaf[i, :k] = a[:, 5], a[:, 6]
+        return Encoded(ids, nums, is_num, seg, quant, place, leaf)
 
     # -- persistence (JSON only) --
     def to_json(self) -> str:
@@ -266,6 +306,7 @@ class Featurizer:
                 "paths": self.paths,
                 "num_stats": self.num_stats,
                 "quantiles": self.quantiles,
+                "categories": self.categories,
                 "words": json.loads(self.words.to_str()),
             }
         )
@@ -279,4 +320,5 @@ class Featurizer:
             words=Tokenizer.from_str(json.dumps(d["words"])),
             max_len=int(d["max_len"]),
             quantiles={k: [float(x) for x in v] for k, v in d.get("quantiles", {}).items()},
+            categories={k: [str(x) for x in v] for k, v in d.get("categories", {}).items()},
         )

@@ -82,6 +82,8 @@ def to_tensors(enc: Encoded, reward: np.ndarray | None = None) -> list[torch.Ten
         torch.from_numpy(enc.is_num),
         torch.from_numpy(enc.segment),
         torch.from_numpy(enc.quant),
+        torch.from_numpy(enc.place),
+        torch.from_numpy(enc.leaf),
     ]
     if reward is not None:
         out.append(torch.as_tensor(reward, dtype=torch.float32))
@@ -177,8 +179,8 @@ class RewardRegressor(L.LightningModule):
         self.weight_decay = train_config["weight_decay"]
         self.schedule = train_config.get("schedule", "constant")
 
-    def forward(self, ids, nums, is_num, segment, quant):
-        return self.net(ids, nums, is_num, segment, quant)
+    def forward(self, *x):
+        return self.net(*x)
 
     def _common_step(self, batch, stage: str) -> torch.Tensor:
         *x, reward = batch

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from model.features import PAD
+from model.features import MAX_WORDS_PER_LEAF, PAD
+
+POSITIONS = ("leaf", "sequence")
 
 
 @dataclass
@@ -22,15 +24,27 @@ class ModelConfig:
     # bins of each number's quantile, one-hot-like (piecewise linear) into its token;
     # 0: the value alone (artifacts made before quantiles)
     num_bins: int = 0
+    # token ids below this are key paths, each with bins of its own (its levels are
+    # its own: RSI 70 is not volatility 0.65); 0: one set of bins shared by all paths
+    num_paths: int = 0
+    # where a token is: its place in its leaf, and its leaf's path on words ("leaf"), or
+    # its index in the sequence ("sequence": artifacts made before leaf places)
+    positions: str = "sequence"
 
     @classmethod
-    def preset(cls, name: str, vocab_size: int, max_len: int) -> ModelConfig:
+    def preset(cls, name: str, vocab_size: int, max_len: int, num_paths: int = 0) -> ModelConfig:
         """`small` trains in a minute or two on 2 CPU cores; `large` is meant for GPUs."""
         sizes = {
             "small": {"num_bins": 32},
             "large": {"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048, "num_bins": 32},
         }
-        return cls(vocab_size=vocab_size, max_len=max_len, **sizes[name])
+        return cls(
+            vocab_size=vocab_size,
+            max_len=max_len,
+            num_paths=num_paths,
+            positions="leaf",
+            **sizes[name],
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,13 +58,23 @@ class RewardModel(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.tok = nn.Embedding(cfg.vocab_size, d, padding_idx=PAD)
-        self.pos = nn.Embedding(cfg.max_len, d)
+        if cfg.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}: {cfg.positions!r}")
+        if cfg.positions == "leaf":
+            self.place = nn.Embedding(MAX_WORDS_PER_LEAF + 1, d)
+        else:
+            self.pos = nn.Embedding(cfg.max_len, d)
         self.seg = nn.Embedding(2, d)
         # A number's value, standardised per key path, added to its path token.
         self.num = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
         # Its quantile, as how far it passed each of `num_bins` equally populated bins:
         # crossing a level is a step in one input, which a linear map learns at once.
         self.bins = nn.Linear(cfg.num_bins, d, bias=False) if cfg.num_bins else None
+        if cfg.num_bins and cfg.num_paths:  # per path, one row per bin: a weighted sum
+            self.path_bins = nn.EmbeddingBag(cfg.num_paths * cfg.num_bins, d, mode="sum")
+            nn.init.normal_(self.path_bins.weight, std=cfg.num_bins**-0.5)
+        else:
+            self.path_bins = None
         layer = nn.TransformerEncoderLayer(
             d,
             cfg.n_heads,
@@ -71,20 +95,33 @@ class RewardModel(nn.Module):
         is_num: torch.Tensor,
         segment: torch.Tensor,
         quant: torch.Tensor,
+        place: torch.Tensor | None = None,
+        leaf: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # ids, segment: (B, T) int64; nums, is_num, quant: (B, T) float
+        # ids, segment, place, leaf: (B, T) int64; nums, is_num, quant: (B, T) float
         t = int(ids.ne(PAD).sum(1).max())  # drop the padding columns no row uses
         ids, nums, is_num = ids[:, :t], nums[:, :t], is_num[:, :t]
         segment, quant = segment[:, :t], quant[:, :t]
         b = ids.shape[0]
-        pos = torch.arange(t, device=ids.device).expand(b, t)
-        x = self.tok(ids) + self.pos(pos) + self.seg(segment)  # (B, T, d)
+        x = self.tok(ids) + self.seg(segment)  # (B, T, d)
+        if self.cfg.positions == "leaf":
+            if place is None or leaf is None:
+                raise ValueError("this network needs each token's place and leaf")
+            # a word's leaf path through the token table (PAD, elsewhere, is zero)
+            x = x + self.place(place[:, :t]) + self.tok(leaf[:, :t])
+        else:
+            x = x + self.pos(torch.arange(t, device=ids.device).expand(b, t))
         value = self.num(nums.unsqueeze(-1))  # (B, T, d)
         if self.bins is not None:
             k = self.cfg.num_bins
             edges = torch.arange(k, device=ids.device, dtype=quant.dtype)
             passed = (quant.unsqueeze(-1) * k - edges).clamp(0.0, 1.0)  # (B, T, k)
             value = value + self.bins(passed)
+            if self.path_bins is not None:  # numbers' tokens are their paths' ids
+                path = ids.clamp(max=self.cfg.num_paths - 1).reshape(-1, 1)
+                rows = path * k + edges.long()  # (B*T, k): the path's bins
+                own = self.path_bins(rows, per_sample_weights=passed.reshape(-1, k))
+                value = value + own.view(b, t, -1)
         x = x + is_num.unsqueeze(-1) * value  # (B, T, d)
         h = self.encoder(x, src_key_padding_mask=ids.eq(PAD))  # (B, T, d)
         return self.head(self.norm(h[:, 0])).squeeze(-1)  # (B,)

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> TrainResult | None:
     data = SnapshotDataModule(args.snapshot, cfg)
     data.setup("fit")
     fz = data.featurizer
-    model_cfg = ModelConfig.preset(cfg.preset, fz.vocab_size, fz.max_len)
+    model_cfg = ModelConfig.preset(cfg.preset, fz.vocab_size, fz.max_len, fz.word_offset)
     module = RewardRegressor(model_cfg.to_dict(), cfg.to_dict())
     trainer, checkpoint = build_trainer(args, cfg)
     started = time.perf_counter()

@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.features import CLS, PAD, SEP, UNK_PATH, Featurizer, canonical_json, leaves
+from model.features import (
+    CLS,
+    MAX_WORDS_PER_LEAF,
+    PAD,
+    SEP,
+    UNK_PATH,
+    Featurizer,
+    canonical_json,
+    leaves,
+)
 
 ROWS = [
     (
@@ -52,7 +61,7 @@ def test_sequence_layout_and_segments(fz):
     assert ids[0] == CLS and SEP in ids
     sep = ids.index(SEP)
     assert all(s == 0 for s in seg[:sep]) and seg[sep] == 1
-    assert fz.paths["act.action"] in ids[sep:]
+    assert fz.category("act.action", "sell") in ids[sep:]
     assert ids[-1] == PAD
 
 
@@ -61,7 +70,7 @@ def test_action_is_never_truncated():
     fz = Featurizer.build([("b", "d", long, {"action": "x"})], max_len=16, min_count=1)
     enc = fz.encode([("b", "d", long, {"action": "x"})])
     ids = list(enc.ids[0])
-    assert len(ids) == 16 and SEP in ids and fz.paths["act.action"] in ids
+    assert len(ids) == 16 and SEP in ids and fz.category("act.action", "x") in ids
 
 
 def test_unknown_paths_and_words_do_not_fail(fz):
@@ -98,6 +107,54 @@ def test_a_featurizer_saved_before_quantiles_still_loads():
     fz = Featurizer.from_json(json.dumps(old))
     enc = fz.encode([("bot", "market_data", {"rsi": 3.0}, {"action": "buy"})])
     assert fz.quantiles == {} and enc.is_num.sum() == 1.0
+
+
+def test_a_few_short_values_of_a_path_are_categories_of_one_token_each():
+    rows = [
+        ("bot", "dt", {"status": s, "channel": c, "note": f"free text {i}"}, {"action": a})
+        for i, (s, c, a) in enumerate(
+            (s, c, a) for s in ("none", "pending") for c in ("app", "web") for a in ("x", "y")
+        )
+        for _ in range(3)
+    ]
+    rows += [("bot", "dt", {"note": f"more text {i}"}, {"action": "x"}) for i in range(70)]
+    rows += [("bot", "dt", {"status": "once"}, {"action": "x"})]
+    fz = Featurizer.build(rows, max_len=32)
+    assert fz.categories["in.status"] == ["none", "pending"]  # "once" was seen once
+    assert fz.categories["act.action"] == ["x", "y"]
+    assert "in.note" not in fz.categories  # free text: too many distinct values
+    ids = {fz.category(p, v) for p, vs in fz.categories.items() for v in vs}
+    assert len(ids) == sum(map(len, fz.categories.values())) and max(ids) < fz.vocab_size
+    pending = fz.tokens("bot", "dt", {"status": "pending"}, {"action": "y"})
+    first = [t[0] for t in pending]
+    assert fz.category("in.status", "pending") in first and fz.paths["in.status"] not in first
+    assert fz.category("act.action", "y") in first
+    # an unseen value is its path and its words, as before categories
+    other = [t[0] for t in fz.tokens("bot", "dt", {"status": "rejected"}, {"action": "y"})]
+    assert fz.paths["in.status"] in other
+    again = Featurizer.from_json(fz.to_json())
+    assert again.tokens("bot", "dt", {"status": "pending"}, {"action": "y"}) == pending
+
+
+def test_words_carry_their_place_in_the_leaf_and_the_leaf_path():
+    fz = _small_featurizer()
+    seq = fz.tokens("bot", "market_data", {"note": "word1 up", "rsi": 3.0}, {"action": "buy"})
+    note = [t for t in seq if t[6] == fz.paths["in.note"]]
+    assert [t[5] for t in note] == [1, 2]  # "word1", "up"
+    buy = [t for t in seq if t[6] == fz.paths["act.action"]]
+    assert [t[5] for t in buy] == [1] and buy[0][3] == 1
+    assert all(t[5] == 0 for t in seq if t[6] == PAD)  # a leaf's first token, [CLS], [SEP]
+
+
+def test_a_featurizer_saved_before_categories_still_loads():
+    fz = _small_featurizer()
+    assert fz.categories
+    old = json.loads(fz.to_json())
+    del old["categories"]
+    before = Featurizer.from_json(json.dumps(old))
+    ids = [t[0] for t in before.tokens("bot", "market_data", {"rsi": 3.0}, {"action": "buy"})]
+    assert before.categories == {} and before.vocab_size < fz.vocab_size
+    assert before.paths["act.action"] in ids and max(ids) < before.vocab_size
 
 
 def _small_featurizer():
@@ -154,7 +211,8 @@ def test_any_input_featurizes_within_the_length(x):
     fz = _small_featurizer()
     seq = fz.tokens("bot", "market_data", x, {"action": "buy"})
     assert 2 <= len(seq) <= fz.max_len
-    assert all(math.isfinite(v) and 0.0 <= q <= 1.0 for _, v, _, _, q in seq)
+    assert all(math.isfinite(v) and 0.0 <= q <= 1.0 for _, v, _, _, q, *_ in seq)
+    assert all(0 <= place <= MAX_WORDS_PER_LEAF and leaf < fz.vocab_size for *_, place, leaf in seq)
 
 
 def test_ranking_featurizes_each_context_once_and_scores_as_the_full_rows_would():
