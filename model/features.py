@@ -11,7 +11,9 @@ whitespace never matter. Every leaf starts with a token for its key path:
   word-level `tokenizers` vocabulary built on the training snapshot. Where the path
   takes few distinct short values (a status, a channel, an action's name), the
   value seen in training is a category: its own token takes the path token's place,
-  so "kyc_status is pending" is one token, not a path and a word to be paired up.
+  so "kyc_status is pending" is one token, not a path and a word to be paired up,
+  and its words, which would say the same again, are left out (a value not seen in
+  training is its path and its words).
 
 Sequence: [CLS] meta leaves (bot, data type) · input leaves · [SEP] · action leaves.
 Segment ids tell context (0) from action (1). A document is a set of leaves, not a
@@ -124,6 +126,7 @@ class Featurizer:
         missing_numbers: int = 0,
         quantiles: dict[str, list[float]] | None = None,
         categories: dict[str, list[str]] | None = None,
+        words_after_category: bool = True,
     ):
         self.paths = paths
         self.num_stats = num_stats
@@ -132,6 +135,9 @@ class Featurizer:
         # per path, its category values; none in artifacts made before categories
         self.categories = categories or {}
         self._category_ids: dict[tuple[str, str], int] = {}
+        # a category token followed by the value's words (artifacts made before the
+        # words were left out) or alone
+        self.words_after_category = words_after_category
         offset = self.word_offset + words.get_vocab_size()
         for path in sorted(self.categories):
             for value in self.categories[path]:
@@ -188,7 +194,7 @@ class Featurizer:
             and all(len(v) <= CATEGORY_CHARS for v in seen)
         }
         categories = {p: v for p, v in categories.items() if v}
-        return cls(paths, stats, words, max_len, missing, quantiles, categories)
+        return cls(paths, stats, words, max_len, missing, quantiles, categories, False)
 
     @property
     def word_offset(self) -> int:
@@ -229,6 +235,8 @@ class Featurizer:
             text = _text(v)
             first = self._category_ids.get((path, text), pid)
             out.append((first, 0.0, 0.0, seg, 0.0, 0, PAD))
+            if first != pid and not self.words_after_category:
+                return
             words = self._word_ids(text)
             out.extend((w, 0.0, 0.0, seg, 0.0, i, pid) for i, w in enumerate(words, 1))
 
@@ -307,6 +315,7 @@ class Featurizer:
                 "num_stats": self.num_stats,
                 "quantiles": self.quantiles,
                 "categories": self.categories,
+                "words_after_category": self.words_after_category,
                 "words": json.loads(self.words.to_str()),
             }
         )
@@ -321,4 +330,5 @@ class Featurizer:
             max_len=int(d["max_len"]),
             quantiles={k: [float(x) for x in v] for k, v in d.get("quantiles", {}).items()},
             categories={k: [str(x) for x in v] for k, v in d.get("categories", {}).items()},
+            words_after_category=bool(d.get("words_after_category", True)),
         )

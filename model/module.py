@@ -27,7 +27,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 4e-3
     gradient_clip: float = 1.0  # largest gradient norm (0: unclipped)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1  # AdamW's, decoupled
     max_epochs: int = 30
     patience: int = 10  # epochs without a better validation loss before stopping
     val_fraction: float = 0.1  # newest rows of the training part, for checkpoints

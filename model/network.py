@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from model.features import MAX_WORDS_PER_LEAF, PAD
+from model.features import CLS, MAX_WORDS_PER_LEAF, PAD, SEP
 
 POSITIONS = ("leaf", "sequence")
 
@@ -30,6 +30,10 @@ class ModelConfig:
     # where a token is: its place in its leaf, and its leaf's path on words ("leaf"), or
     # its index in the sequence ("sequence": artifacts made before leaf places)
     positions: str = "sequence"
+    # beside the [CLS] head, a product of the mean context token and the mean action
+    # token (each projected): every context feature times every action feature is one
+    # term to learn, as in a factorisation machine (False: artifacts made before it)
+    cross: bool = False
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, max_len: int, num_paths: int = 0) -> ModelConfig:
@@ -43,6 +47,7 @@ class ModelConfig:
             max_len=max_len,
             num_paths=num_paths,
             positions="leaf",
+            cross=True,
             **sizes[name],
         )
 
@@ -51,7 +56,8 @@ class ModelConfig:
 
 
 class RewardModel(nn.Module):
-    """tokens → transformer encoder → [CLS] → expected reward (a scalar)."""
+    """tokens → transformer encoder → [CLS] (and the context × action product) →
+    expected reward (a scalar)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -87,6 +93,10 @@ class RewardModel(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        if cfg.cross:
+            self.cross_norm = nn.LayerNorm(d)
+            self.cross_ctx = nn.Linear(d, d)
+            self.cross_act = nn.Linear(d, d, bias=False)
 
     def forward(
         self,
@@ -124,4 +134,17 @@ class RewardModel(nn.Module):
                 value = value + own.view(b, t, -1)
         x = x + is_num.unsqueeze(-1) * value  # (B, T, d)
         h = self.encoder(x, src_key_padding_mask=ids.eq(PAD))  # (B, T, d)
-        return self.head(self.norm(h[:, 0])).squeeze(-1)  # (B,)
+        out = self.head(self.norm(h[:, 0])).squeeze(-1)  # (B,)
+        if self.cfg.cross:
+            out = out + self._cross(h, ids, segment)
+        return out
+
+    def _cross(self, h: torch.Tensor, ids: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+        """<P·mean context token, Q·mean action token>, over the leaves' tokens only."""
+        g = self.cross_norm(h)  # (B, T, d)
+        leaf = ids.ne(PAD) & ids.ne(CLS) & ids.ne(SEP)
+        ctx = (leaf & segment.eq(0)).unsqueeze(-1).to(g.dtype)  # (B, T, 1)
+        act = (leaf & segment.eq(1)).unsqueeze(-1).to(g.dtype)
+        c = (g * ctx).sum(1) / ctx.sum(1).clamp(min=1.0)  # (B, d)
+        a = (g * act).sum(1) / act.sum(1).clamp(min=1.0)
+        return (self.cross_ctx(c) * self.cross_act(a)).sum(-1) / g.shape[-1] ** 0.5

@@ -129,21 +129,40 @@ def test_a_few_short_values_of_a_path_are_categories_of_one_token_each():
     first = [t[0] for t in pending]
     assert fz.category("in.status", "pending") in first and fz.paths["in.status"] not in first
     assert fz.category("act.action", "y") in first
+    # a category is its token alone: its words would say the same again
+    assert all(t[5] == 0 and t[6] == PAD for t in pending)  # every value is a category
     # an unseen value is its path and its words, as before categories
-    other = [t[0] for t in fz.tokens("bot", "dt", {"status": "rejected"}, {"action": "y"})]
-    assert fz.paths["in.status"] in other
+    other = fz.tokens("bot", "dt", {"status": "rejected"}, {"action": "y"})
+    assert fz.paths["in.status"] in [t[0] for t in other]
+    assert [t[5] for t in other if t[6] == fz.paths["in.status"]] == [1]  # "rejected"
     again = Featurizer.from_json(fz.to_json())
     assert again.tokens("bot", "dt", {"status": "pending"}, {"action": "y"}) == pending
 
 
 def test_words_carry_their_place_in_the_leaf_and_the_leaf_path():
     fz = _small_featurizer()
-    seq = fz.tokens("bot", "market_data", {"note": "word1 up", "rsi": 3.0}, {"action": "buy"})
+    # values not seen in training: their words follow their path's token
+    seq = fz.tokens("bot", "market_data", {"note": "word1 down", "rsi": 3.0}, {"action": "up"})
     note = [t for t in seq if t[6] == fz.paths["in.note"]]
-    assert [t[5] for t in note] == [1, 2]  # "word1", "up"
-    buy = [t for t in seq if t[6] == fz.paths["act.action"]]
-    assert [t[5] for t in buy] == [1] and buy[0][3] == 1
+    assert [t[5] for t in note] == [1, 2]  # "word1", "down" (unknown)
+    up = [t for t in seq if t[6] == fz.paths["act.action"]]
+    assert [t[5] for t in up] == [1] and up[0][3] == 1
     assert all(t[5] == 0 for t in seq if t[6] == PAD)  # a leaf's first token, [CLS], [SEP]
+
+
+def test_a_featurizer_saved_before_categories_stood_alone_keeps_their_words():
+    fz = _small_featurizer()
+    row = ("bot", "market_data", {"note": "word1 up", "rsi": 3.0}, {"action": "buy"})
+    assert not any(t[5] for t in fz.tokens(*row))  # categories alone: no words
+    old = json.loads(fz.to_json())
+    del old["words_after_category"]
+    before = Featurizer.from_json(json.dumps(old))
+    seq = before.tokens(*row)
+    note = [t for t in seq if t[6] == fz.paths["in.note"]]
+    assert [t[5] for t in note] == [1, 2] and fz.category("in.note", "word1 up") in [
+        t[0] for t in seq
+    ]
+    assert Featurizer.from_json(fz.to_json()).tokens(*row) == fz.tokens(*row)
 
 
 def test_a_featurizer_saved_before_categories_still_loads():

@@ -109,3 +109,42 @@ def test_the_learning_rate_warms_up_then_decays_to_zero_for_any_number_of_steps(
     if total > 1:  # one step is all warm-up
         assert factors[-1] == pytest.approx(0.0, abs=1e-12)
     assert peak <= max(1, round(0.1 * total))
+
+
+def _cross_net(fz, cross: bool):
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset)
+    return RewardModel(ModelConfig(**{**cfg.to_dict(), "cross": cross})).eval()
+
+
+def test_the_context_action_product_counts_leaves_and_no_padding():
+    """A row scores the same alone and beside a longer row (whose padding it then
+    has): the product's means are over the row's own leaves."""
+    rows = [
+        ("bot", "dt", {"rsi": float(v), "tag": "a"}, {"action": a}) for v in range(30) for a in "xy"
+    ]
+    fz = Featurizer.build(rows, max_len=32)
+    net = _cross_net(fz, True)
+    assert {"cross_ctx", "cross_act"} <= {k.split(".")[0] for k in net.state_dict()}
+    short = fz.tokens("bot", "dt", {"rsi": 3.0}, {"action": "x"})
+    long = fz.tokens(
+        "bot", "dt", {"rsi": 3.0, "tag": "a", "more": "free words here"}, {"action": "y"}
+    )
+    alone = _score_seqs(net, fz, [short])[0]
+    beside = _score_seqs(net, fz, [short, long])[0]
+    assert alone == pytest.approx(beside, abs=1e-5)
+    # and the product is part of the score: without it the same row scores otherwise
+    with torch.no_grad():
+        net.cross_act.weight.zero_()
+    assert abs(_score_seqs(net, fz, [short])[0] - alone) > 1e-4
+
+
+def test_a_network_saved_before_the_product_is_built_without_it():
+    fz = Featurizer.build(ROWS, max_len=16, min_count=1)
+    old = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset).to_dict()
+    assert old.pop("cross") is True
+    net = RewardModel(ModelConfig(**old))
+    assert not net.cfg.cross
+    assert not any(k.startswith("cross") for k in net.state_dict())
+    with torch.no_grad():
+        assert net(*_batch(fz, [50.0])).shape == (1,)
