@@ -194,7 +194,9 @@ class Featurizer:
             and all(len(v) <= CATEGORY_CHARS for v in seen)
         }
         categories = {p: v for p, v in categories.items() if v}
-        return cls(paths, stats, words, max_len, missing, quantiles, categories, False)
+        return cls(
+            paths, stats, words, max_len, missing, quantiles, categories, words_after_category=False
+        )
 
     @property
     def word_offset(self) -> int:
