@@ -111,12 +111,6 @@ def test_the_learning_rate_warms_up_then_decays_to_zero_for_any_number_of_steps(
     assert peak <= max(1, round(0.1 * total))
 
 
-def _cross_net(fz, cross: bool):
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset)
-    return RewardModel(ModelConfig(**{**cfg.to_dict(), "cross": cross})).eval()
-
-
 def test_the_context_action_product_counts_leaves_and_no_padding():
     """A row scores the same alone and beside a longer row (whose padding it then
     has): the product's means are over the row's own leaves."""
@@ -124,7 +118,9 @@ def test_the_context_action_product_counts_leaves_and_no_padding():
         ("bot", "dt", {"rsi": float(v), "tag": "a"}, {"action": a}) for v in range(30) for a in "xy"
     ]
     fz = Featurizer.build(rows, max_len=32)
-    net = _cross_net(fz, True)
+    torch.manual_seed(0)
+    net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset))
+    net.eval()
     assert {"cross_ctx", "cross_act"} <= {k.split(".")[0] for k in net.state_dict()}
     short = fz.tokens("bot", "dt", {"rsi": 3.0}, {"action": "x"})
     long = fz.tokens(
