@@ -122,7 +122,7 @@ def render(s: dict) -> str:
                         "train_rows",
                         "epochs",
                         "train_seconds",
-                        "best_val_loss",
+                        "val_loss",
                         "rmse",
                         "auc",
                         "true_value_policy",

@@ -3,10 +3,12 @@
 A document is flattened into leaves sorted by key path, so key order and
 whitespace never matter. Every leaf starts with a token for its key path:
 
-- a number becomes that one token, carrying the value twice: standardised per
-  path, and as its quantile among the training snapshot's values of that path
-  (a piecewise-linear CDF), from which the network reads which of evenly
-  populated bins the value passed, so a level is one step for it to learn;
+- a number becomes that one token, carrying the value three times: standardised
+  per path; as its quantile among the training snapshot's values of that path (a
+  piecewise-linear CDF), from which the network reads which of evenly populated
+  bins the value passed; and as the interval it falls in between the path's cuts,
+  the levels where the training rewards step (model/splits.py), so a level such as
+  "RSI below 30" is one step for it to learn, at its exact place;
 - a string (or a boolean) becomes the path token followed by its words, from a
   word-level `tokenizers` vocabulary built on the training snapshot. Where the path
   takes few distinct short values (a status, a channel, an action's name), the
@@ -36,6 +38,8 @@ from itertools import chain
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+from model import splits
+
 PAD, UNK, CLS, SEP, UNK_PATH = 0, 1, 2, 3, 4
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[UNK_PATH]"]
 MAX_WORDS_PER_LEAF = 12
@@ -43,8 +47,9 @@ MAX_LEAF_CHARS = 1024  # a leaf's text is cut here before tokenizing (12 words f
 CACHED_TEXT_CHARS = 128  # word-id cache: texts up to this long ...
 CACHE_ENTRIES = 50_000  # ... and this many of them (a few MB at most)
 Z_CLIP = 6.0
-# id, value, is_num, segment, quantile, place in the leaf, path of the leaf (words)
-Token = tuple[int, float, float, int, float, int, int]
+# id, value, is_num, segment, quantile, place in the leaf, path of the leaf (words),
+# interval among the path's cuts (numbers)
+Token = tuple[int, float, float, int, float, int, int, int]
 QUANTILES = 33  # points of each path's CDF kept from the training values (32 bins)
 CATEGORY_CHARS = 64  # a string this short can be a category ...
 CATEGORIES_PER_PATH = 64  # ... of a path with at most this many distinct values
@@ -106,12 +111,21 @@ class Encoded:
     quant: np.ndarray  # float32 quantile of the value in [0, 1] (0 where not numeric)
     place: np.ndarray  # int64 place in the leaf: 0 its first token, 1... its words
     leaf: np.ndarray  # int64 on a word: the path token of its leaf (PAD elsewhere)
+    cut: np.ndarray  # int64 on a number: how many of its path's cuts it passed (0 elsewhere)
 
 
 def _quantiles(values: list[float]) -> list[float]:
     """The path's CDF as distinct values at evenly spaced quantiles."""
     q = np.quantile(np.asarray(values, np.float64), np.linspace(0, 1, QUANTILES))
     return [float(v) for v in np.unique(q)]
+
+
+def _collect(by_group: dict, group: tuple[str, str], ctx: list, reward: float) -> None:
+    for path, v in ctx:
+        if _is_number(v):
+            vs, rs = by_group.setdefault(path, {}).setdefault(group, ([], []))
+            vs.append(float(v))
+            rs.append(reward)
 
 
 class Featurizer:
@@ -127,10 +141,12 @@ class Featurizer:
         quantiles: dict[str, list[float]] | None = None,
         categories: dict[str, list[str]] | None = None,
         words_after_category: bool = True,
+        cuts: dict[str, list[float]] | None = None,
     ):
         self.paths = paths
         self.num_stats = num_stats
         self.quantiles = quantiles or {}  # none in artifacts made before quantiles
+        self.cuts = cuts or {}  # per path, sorted levels; none in artifacts made before
         self.words = words
         # per path, its category values; none in artifacts made before categories
         self.categories = categories or {}
@@ -154,15 +170,22 @@ class Featurizer:
         max_len: int = 64,
         min_count: int = 2,
         max_words: int = 5000,
+        rewards: Iterable[float] | None = None,
     ) -> Featurizer:
-        """Learn paths, numeric statistics and words from (bot, data_type, input, action) rows."""
+        """Learn paths, numeric statistics and words from (bot, data_type, input, action)
+        rows, and with their `rewards` the levels where the rewards step."""
         path_counts: Counter[str] = Counter()
         values: dict[str, list[float]] = {}
         texts: list[str] = []
         strings: dict[str, Counter[str]] = {}
         missing = 0
+        # per context path, per (bot, action): its numbers and their rewards
+        by_group: dict[str, dict[tuple[str, str], tuple[list, list]]] = {}
+        rewards = iter(rewards) if rewards is not None else None
         for bot, data_type, x, action in rows:
             ctx, act = _pair_leaves(bot, data_type, x, action)
+            if rewards is not None:
+                _collect(by_group, (bot, canonical_json(action)), ctx, float(next(rewards)))
             for path, v in ctx + act:
                 path_counts[path] += 1
                 if _is_number(v):
@@ -186,6 +209,7 @@ class Featurizer:
         )
         words.train_from_iterator(texts, trainer=trainer)
         quantiles = {p: _quantiles(v) for p, v in values.items()}
+        cuts = {p: splits.path_cuts(g.values()) for p, g in by_group.items() if p in paths}
         categories = {
             p: sorted(v for v, c in seen.items() if c >= min_count)
             for p, seen in strings.items()
@@ -195,7 +219,15 @@ class Featurizer:
         }
         categories = {p: v for p, v in categories.items() if v}
         return cls(
-            paths, stats, words, max_len, missing, quantiles, categories, words_after_category=False
+            paths,
+            stats,
+            words,
+            max_len,
+            missing,
+            quantiles,
+            categories,
+            words_after_category=False,
+            cuts={p: c for p, c in cuts.items() if c},
         )
 
     @property
@@ -230,17 +262,18 @@ class Featurizer:
         if _is_number(v):
             mean, std = self.num_stats.get(path, (0.0, 1.0))
             z = max(-Z_CLIP, min(Z_CLIP, (float(v) - mean) / std))
-            out.append((pid, z, 1.0, seg, self._quantile(path, float(v)), 0, PAD))
+            q = self._quantile(path, float(v))
+            out.append((pid, z, 1.0, seg, q, 0, PAD, bisect_right(self.cuts.get(path, ()), v)))
         elif _is_numeric(v):  # NaN, infinite or out of range: the value is missing
-            out.append((pid, 0.0, 0.0, seg, 0.0, 0, PAD))
+            out.append((pid, 0.0, 0.0, seg, 0.0, 0, PAD, 0))
         else:
             text = _text(v)
             first = self._category_ids.get((path, text), pid)
-            out.append((first, 0.0, 0.0, seg, 0.0, 0, PAD))
+            out.append((first, 0.0, 0.0, seg, 0.0, 0, PAD, 0))
             if first != pid and not self.words_after_category:
                 return
             words = self._word_ids(text)
-            out.extend((w, 0.0, 0.0, seg, 0.0, i, pid) for i, w in enumerate(words, 1))
+            out.extend((w, 0.0, 0.0, seg, 0.0, i, pid, 0) for i, w in enumerate(words, 1))
 
     def _quantile(self, path: str, v: float) -> float:
         """Where `v` falls among the training values of `path`, in [0, 1]."""
@@ -259,7 +292,7 @@ class Featurizer:
         input costs no more than the tokens that can be kept."""
         meta = {"bot": bot, "data_type": data_type}
         x = x if isinstance(x, dict) else {"_raw": _text(x)}
-        ctx: list = [(CLS, 0.0, 0.0, 0, 0.0, 0, PAD)]
+        ctx: list = [(CLS, 0.0, 0.0, 0, 0.0, 0, PAD, 0)]
         for path, v in chain(leaves(meta, "meta"), leaves(x, "in")):
             if len(ctx) >= self.max_len:
                 break
@@ -269,7 +302,7 @@ class Featurizer:
     def action_tokens(self, action) -> list[Token]:
         """[SEP] and the action leaves (at most half the sequence)."""
         action = action if isinstance(action, dict) else {"_raw": _text(action)}
-        act: list = [(SEP, 0.0, 0.0, 1, 0.0, 0, PAD)]
+        act: list = [(SEP, 0.0, 0.0, 1, 0.0, 0, PAD, 0)]
         for path, v in leaves(action, "act"):
             if len(act) >= self.max_len // 2:
                 break
@@ -281,8 +314,8 @@ class Featurizer:
         return ctx[: self.max_len - len(act)] + act
 
     def tokens(self, bot: str, data_type: str, x, action) -> list[Token]:
-        """(id, value, is_num, segment, quantile, place, leaf) per token; the action
-        part is never truncated."""
+        """(id, value, is_num, segment, quantile, place, leaf, cut) per token; the
+        action part is never truncated."""
         return self.join(self.context_tokens(bot, data_type, x), self.action_tokens(action))
 
     def encode(self, rows: Iterable[tuple[str, str, object, object]]) -> Encoded:
@@ -299,14 +332,15 @@ class Featurizer:
         quant = np.zeros((n, length), np.float32)
         place = np.zeros((n, length), np.int64)
         leaf = np.zeros((n, length), np.int64)
+        cut = np.zeros((n, length), np.int64)
         for i, seq in enumerate(seqs):
             k = len(seq)
             if k:
                 a = np.asarray(seq, dtype=np.float64)
                 ids[i, :k], nums[i, :k] = a[:, 0], a[:, 1]
                 is_num[i, :k], seg[i, :k], quant[i, :k] = a[:, 2], a[:, 3], a[:, 4]
-                place[i, :k], leaf[i, :k] = a[:, 5], a[:, 6]
-        return Encoded(ids, nums, is_num, seg, quant, place, leaf)
+                place[i, :k], leaf[i, :k], cut[i, :k] = a[:, 5], a[:, 6], a[:, 7]
+        return Encoded(ids, nums, is_num, seg, quant, place, leaf, cut)
 
     # -- persistence (JSON only) --
     def to_json(self) -> str:
@@ -316,6 +350,7 @@ class Featurizer:
                 "paths": self.paths,
                 "num_stats": self.num_stats,
                 "quantiles": self.quantiles,
+                "cuts": self.cuts,
                 "categories": self.categories,
                 "words_after_category": self.words_after_category,
                 "words": json.loads(self.words.to_str()),
@@ -333,4 +368,5 @@ class Featurizer:
             quantiles={k: [float(x) for x in v] for k, v in d.get("quantiles", {}).items()},
             categories={k: [str(x) for x in v] for k, v in d.get("categories", {}).items()},
             words_after_category=bool(d.get("words_after_category", True)),
+            cuts={k: [float(x) for x in v] for k, v in d.get("cuts", {}).items()},
         )

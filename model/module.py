@@ -12,12 +12,14 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, TensorDataset
 
 from model.features import Encoded, Featurizer
 from model.network import ModelConfig, RewardModel
 
 SCHEDULES = ("cosine", "constant")
+EPOCHS = 15  # training length unless max_epochs is given ...
+MIN_STEPS = 300  # ... stretched on a small snapshot to this many optimizer steps
 
 
 @dataclass
@@ -28,15 +30,17 @@ class TrainConfig:
     lr: float = 4e-3
     gradient_clip: float = 1.0  # largest gradient norm (0: unclipped)
     weight_decay: float = 0.1  # AdamW's, decoupled
-    max_epochs: int = 30
+    # None: EPOCHS, or more on a small snapshot, so that it trains for MIN_STEPS steps
+    # (the schedule and the weight average count steps, not epochs)
+    max_epochs: int | None = None
     patience: int = 10  # epochs without a better validation loss before stopping
     val_fraction: float = 0.1  # newest rows of the training part, for checkpoints
     holdout_fraction: float = 0.2  # newest rows overall, for evaluation only
     seed: int = 0
     shuffle_rewards: bool = False  # deliberately break the model (gate tests)
-    # Newer rows are drawn more often: a row this many days older than the newest
+    # Newer rows weigh more in the loss: a row this many days older than the newest
     # training row weighs half as much (0: every row alike). After the reward rule
-    # drifts, the model follows the new rule sooner.
+    # drifts, the model follows the new rule sooner; every row is still seen each epoch.
     half_life_days: float = 3.0
     # learning rate: cosine (up over the first tenth of max_epochs, then down to 0) or
     # constant; the decay settles the weights, where a noisy validation loss would not
@@ -49,6 +53,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def epochs(self, train_rows: int, world_size: int = 1) -> int:
+        """How many epochs to train `train_rows` rows for, split over `world_size` ranks."""
+        if self.max_epochs is not None:
+            return self.max_epochs
+        steps = math.ceil(train_rows / (self.batch_size * max(1, world_size)))
+        return max(EPOCHS, math.ceil(MIN_STEPS / max(1, steps)))
 
 
 def read_snapshot(snapshot: Path) -> pd.DataFrame:
@@ -84,6 +95,7 @@ def to_tensors(enc: Encoded, reward: np.ndarray | None = None) -> list[torch.Ten
         torch.from_numpy(enc.quant),
         torch.from_numpy(enc.place),
         torch.from_numpy(enc.leaf),
+        torch.from_numpy(enc.cut),
     ]
     if reward is not None:
         out.append(torch.as_tensor(reward, dtype=torch.float32))
@@ -108,41 +120,38 @@ class SnapshotDataModule(L.LightningDataModule):
         )
         if min(len(self.train_df), len(self.val_df)) == 0:
             raise ValueError(f"too few trainable rows in {self.snapshot}: {len(df)}")
-        self.featurizer = Featurizer.build(rows_of(self.train_df), max_len=self.cfg.max_len)
         reward = self.train_df["reward"].to_numpy(np.float32)
         if self.cfg.shuffle_rewards:
             reward = np.random.default_rng(self.cfg.seed).permutation(reward)
-        self.train_set = TensorDataset(
-            *to_tensors(self.featurizer.encode(rows_of(self.train_df)), reward)
+        # the levels where rewards step are found on the rewards trained on
+        self.featurizer = Featurizer.build(
+            rows_of(self.train_df), max_len=self.cfg.max_len, rewards=reward
         )
+        self.train_set = TensorDataset(
+            *to_tensors(self.featurizer.encode(rows_of(self.train_df)), reward),
+            torch.as_tensor(self.recency_weights(), dtype=torch.float32),
+        )
+        val_reward = self.val_df["reward"].to_numpy(np.float32)
         self.val_set = TensorDataset(
-            *to_tensors(
-                self.featurizer.encode(rows_of(self.val_df)),
-                self.val_df["reward"].to_numpy(np.float32),
-            )
+            *to_tensors(self.featurizer.encode(rows_of(self.val_df)), val_reward),
+            torch.ones(len(val_reward)),  # validation weighs every row alike
         )
 
-    def recency_weights(self) -> np.ndarray | None:
-        """Sampling weight of each training row, 1 for the newest (None: uniform)."""
+    def recency_weights(self) -> np.ndarray:
+        """Loss weight of each training row, newer rows heavier, averaging 1 (so the
+        loss keeps its scale); all 1 when `half_life_days` is 0."""
         if self.cfg.half_life_days <= 0:
-            return None
+            return np.ones(len(self.train_df))
         t = self.train_df["created_at"]
         age_days = (t.max() - t).dt.total_seconds().to_numpy() / 86400.0
-        return np.exp2(-age_days / self.cfg.half_life_days)
+        w = np.exp2(-age_days / self.cfg.half_life_days)
+        return w / w.mean()
 
     def train_dataloader(self) -> DataLoader:
-        weights = self.recency_weights()
-        if weights is None:
-            return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True)
-        # an epoch draws as many rows as there are, newer ones more often (under DDP
-        # Lightning splits the draws between the ranks)
-        sampler = WeightedRandomSampler(
-            torch.as_tensor(weights, dtype=torch.double),
-            num_samples=len(weights),
-            replacement=True,
-            generator=torch.Generator().manual_seed(self.cfg.seed),
-        )
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler)
+        # weighted in the loss rather than drawn by weight: every row is seen once an
+        # epoch (drawing with replacement left a third out, and cost the stationary
+        # case more than it gave); under DDP Lightning shards the shuffle between ranks
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=512)
@@ -183,9 +192,9 @@ class RewardRegressor(L.LightningModule):
         return self.net(*x)
 
     def _common_step(self, batch, stage: str) -> torch.Tensor:
-        *x, reward = batch
+        *x, reward, weight = batch
         pred = self(*x).float()
-        loss = torch.nn.functional.mse_loss(pred, reward)
+        loss = (weight * (pred - reward) ** 2).mean()  # weighted mean squared error
         self.log(
             f"{stage}_loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=len(reward)
         )

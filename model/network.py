@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from model.features import CLS, MAX_WORDS_PER_LEAF, PAD, SEP
+from model.splits import MAX_CUTS
 
 POSITIONS = ("leaf", "sequence")
 
@@ -34,6 +35,9 @@ class ModelConfig:
     # token (each projected): every context feature times every action feature is one
     # term to learn, as in a factorisation machine (False: artifacts made before it)
     cross: bool = False
+    # intervals between each path's cuts (the levels where the training rewards step),
+    # one embedding each per path (0: artifacts made before cuts)
+    num_cuts: int = 0
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, max_len: int, num_paths: int = 0) -> ModelConfig:
@@ -48,6 +52,7 @@ class ModelConfig:
             num_paths=num_paths,
             positions="leaf",
             cross=True,
+            num_cuts=MAX_CUTS + 1 if num_paths else 0,
             **sizes[name],
         )
 
@@ -81,6 +86,13 @@ class RewardModel(nn.Module):
             nn.init.normal_(self.path_bins.weight, std=cfg.num_bins**-0.5)
         else:
             self.path_bins = None
+        # Per path, one row per interval between its cuts, initialised as the tokens
+        # are: each side of a level is told apart from the first step, before the
+        # smooth paths above learn a ramp in its place.
+        if cfg.num_cuts and cfg.num_paths:
+            self.cuts = nn.Embedding(cfg.num_paths * cfg.num_cuts, d)
+        else:
+            self.cuts = None
         layer = nn.TransformerEncoderLayer(
             d,
             cfg.n_heads,
@@ -107,8 +119,9 @@ class RewardModel(nn.Module):
         quant: torch.Tensor,
         place: torch.Tensor | None = None,
         leaf: torch.Tensor | None = None,
+        cut: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # ids, segment, place, leaf: (B, T) int64; nums, is_num, quant: (B, T) float
+        # ids, segment, place, leaf, cut: (B, T) int64; nums, is_num, quant: (B, T) float
         t = int(ids.ne(PAD).sum(1).max())  # drop the padding columns no row uses
         ids, nums, is_num = ids[:, :t], nums[:, :t], is_num[:, :t]
         segment, quant = segment[:, :t], quant[:, :t]
@@ -132,6 +145,11 @@ class RewardModel(nn.Module):
                 rows = path * k + edges.long()  # (B*T, k): the path's bins
                 own = self.path_bins(rows, per_sample_weights=passed.reshape(-1, k))
                 value = value + own.view(b, t, -1)
+        if self.cuts is not None:  # the interval among its path's cuts
+            if cut is None:
+                raise ValueError("this network needs each number's interval among its cuts")
+            path = ids.clamp(max=self.cfg.num_paths - 1)
+            value = value + self.cuts(path * self.cfg.num_cuts + cut[:, :t])
         x = x + is_num.unsqueeze(-1) * value  # (B, T, d)
         h = self.encoder(x, src_key_padding_mask=ids.eq(PAD))  # (B, T, d)
         out = self.head(self.norm(h[:, 0])).squeeze(-1)  # (B,)

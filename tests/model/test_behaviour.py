@@ -131,3 +131,39 @@ def test_minimum_functionality_per_bot(trained, bot):
         hits += best == world.oracle_action(bot, x)
     assert total >= 10
     assert hits / total >= 0.8, f"{hits}/{total}"
+
+
+LEVELS = [
+    # (bot, a value just below a level and just above it, by its path) where the ground
+    # truth's best action changes at the level
+    ("trading_advanced", ("indicators", "rsi"), 29.5, 30.5),
+    ("trading_advanced", ("indicators", "rsi"), 69.5, 70.5),
+    ("analytics_portfolio", ("portfolio", "drawdown"), 0.14, 0.16),
+    ("analytics_portfolio", ("portfolio", "concentration"), 0.58, 0.62),
+]
+
+
+@pytest.mark.parametrize(("bot", "path", "below", "above"), LEVELS)
+def test_decisions_change_at_the_level_not_around_it(trained, bot, path, below, above):
+    """Either side of a level, within 1.5% of the value's range, the top-ranked action
+    is the ground truth's best (over several contexts): the step is at the level, not
+    a ramp that gets the values near it wrong."""
+    import numpy as np
+
+    model, _ = trained
+    world = World()
+    rng = np.random.default_rng(7)
+    hits, total = 0, 0
+    for _ in range(12):
+        x = BOTS[bot].context(rng)
+        if bot == "trading_advanced":
+            x = _merge(x, {"indicators": {"volatility": 0.2}, "sentiment": 0.0})
+        for v in (below, above):
+            y = _merge(x, {path[0]: {path[1]: v}})
+            true = sorted(world.rewards(bot, y), reverse=True)
+            if true[0] - true[1] < 0.1:
+                continue
+            total += 1
+            hits += model.rank_many([(bot, y, None)])[0][0].action == world.oracle_action(bot, y)
+    assert total >= 12
+    assert hits / total >= 0.9, f"{hits}/{total}"

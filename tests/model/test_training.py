@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from model.artifact import ArtifactError, load
 from model.result import TrainResult
@@ -53,7 +55,14 @@ def test_smoke_run_writes_a_loadable_artifact(small_snapshot, tmp_path):
     assert result.artifact == art and result.metrics["rows"] > 0
     assert np.isfinite(result.metrics["rmse"])
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
-    assert list((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    # one checkpoint, of the last epoch, and the artifact holds its (averaged) weights
+    (ckpt,) = (tmp_path / "checkpoints").glob("epoch-*.ckpt")
+    assert f"epoch={result.metrics['epochs'] - 1}-" in ckpt.name
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    weights = load_file(art / "model.safetensors")
+    assert weights.keys() == {k.removeprefix("net.") for k in state}
+    assert all(torch.equal(weights[k.removeprefix("net.")], v.float()) for k, v in state.items())
+    assert np.isfinite(result.metrics["val_loss"])
     bank = json.loads((art / "action_bank.json").read_text())["bank"]
     assert set(bank) == {
         "trading_advanced",

@@ -261,3 +261,61 @@ def test_the_quantile_is_the_training_values_piecewise_linear_cdf():
     for v in (-3.0, 1.0, 1.5, 2.0, 3.3, 7.99, 8.0, 100.0):
         assert fz._quantile("in.x", v) == pytest.approx(float(np.interp(v, q, grid)))
     assert fz._quantile("in.unseen", 3.0) == 0.5
+
+
+def _rsi_rows(n=2000, seed=0):
+    """`buy` pays below rsi 30, `sell` above 70: two levels the rewards step at."""
+    rng = np.random.default_rng(seed)
+    rows, rewards = [], []
+    for _ in range(n):
+        rsi = round(float(rng.uniform(10, 90)), 1)
+        action = str(rng.choice(["buy", "sell"]))
+        pays = rsi < 30 if action == "buy" else rsi > 70
+        rows.append(
+            ("bot", "dt", {"rsi": rsi, "price": float(rng.uniform(1, 9))}, {"action": action})
+        )
+        rewards.append(0.8 * pays + float(rng.normal(0, 0.25)))
+    return rows, rewards
+
+
+def test_built_with_rewards_a_number_carries_the_interval_between_its_paths_levels():
+    rows, rewards = _rsi_rows()
+    fz = Featurizer.build(rows, max_len=16, rewards=rewards)
+    (lo, hi) = fz.cuts["in.rsi"]
+    assert lo == pytest.approx(30, abs=0.3) and hi == pytest.approx(70, abs=0.3)
+    assert "in.price" not in fz.cuts  # the price changes no reward
+
+    def interval(v):
+        (tok,) = [t for t in fz.tokens("bot", "dt", {"rsi": v}, {"action": "buy"}) if t[2] == 1.0]
+        return tok[7]
+
+    assert [interval(v) for v in (lo - 0.05, lo + 0.05, 50.0, hi - 0.05, hi + 0.05)] == [
+        0,
+        1,
+        1,
+        1,
+        2,
+    ]
+    words = fz.tokens("bot", "dt", {"rsi": "high"}, {"action": "buy"})
+    assert all(t[7] == 0 for t in words)  # text has no interval
+    enc = fz.encode([("bot", "dt", {"rsi": 80.0}, {"action": "sell"})])
+    assert enc.cut.max() == 2 and enc.cut.dtype == np.int64
+
+
+def test_built_without_rewards_there_are_no_levels_and_every_interval_is_0():
+    rows, _ = _rsi_rows(500)
+    fz = Featurizer.build(rows, max_len=16)
+    assert fz.cuts == {}
+    assert fz.encode(rows[:20]).cut.max() == 0
+
+
+def test_levels_survive_the_round_trip_and_a_featurizer_saved_before_them_loads():
+    rows, rewards = _rsi_rows()
+    fz = Featurizer.build(rows, max_len=16, rewards=rewards)
+    again = Featurizer.from_json(fz.to_json())
+    assert again.cuts == fz.cuts
+    np.testing.assert_array_equal(again.encode(rows[:50]).cut, fz.encode(rows[:50]).cut)
+    old = json.loads(fz.to_json())
+    del old["cuts"]
+    before = Featurizer.from_json(json.dumps(old))
+    assert before.cuts == {} and before.encode(rows[:50]).cut.max() == 0

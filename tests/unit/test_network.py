@@ -144,3 +144,49 @@ def test_a_network_saved_before_the_product_is_built_without_it():
     assert not any(k.startswith("cross") for k in net.state_dict())
     with torch.no_grad():
         assert net(*_batch(fz, [50.0])).shape == (1,)
+
+
+def _levelled():
+    """A featurizer whose rsi path has one level, at 30 (buy pays below it)."""
+    rows = [("bot", "dt", {"rsi": v / 10}, {"action": a}) for v in range(100, 901) for a in "xy"]
+    rewards = [0.8 * (r[2]["rsi"] < 30 and r[3]["action"] == "x") for r in rows]
+    fz = Featurizer.build(rows, max_len=16, min_count=1, rewards=rewards)
+    assert fz.cuts["in.rsi"] == [pytest.approx(29.95)]
+    return fz
+
+
+def test_the_interval_among_the_levels_reaches_the_network_on_its_own():
+    """With the value and its bins silenced, two values either side of the level score
+    differently and two on the same side alike: the step is exactly at the level."""
+    fz = _levelled()
+    torch.manual_seed(0)
+    net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset))
+    net.eval()
+    assert net.cfg.num_cuts == 9 and net.cuts is not None
+    with torch.no_grad():
+        net.num[-1].weight.zero_()
+        net.num[-1].bias.zero_()
+        net.bins.weight.zero_()
+        net.path_bins.weight.zero_()
+        far, below, above, high = net(*_batch(fz, [12.0, 29.9, 30.0, 88.0])).tolist()
+        assert far == pytest.approx(below, abs=1e-6) and above == pytest.approx(high, abs=1e-6)
+        assert abs(below - above) > 1e-4
+        net.cuts.weight.zero_()  # and without the intervals, all alike
+        assert len({round(s, 6) for s in net(*_batch(fz, [12.0, 29.9, 30.0, 88.0])).tolist()}) == 1
+
+
+def test_a_network_saved_before_the_levels_is_built_without_them():
+    fz = _levelled()
+    old = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset).to_dict()
+    assert old.pop("num_cuts") == 9
+    net = RewardModel(ModelConfig(**old))
+    assert net.cuts is None and not any(k.startswith("cuts") for k in net.state_dict())
+    with torch.no_grad():
+        assert net(*_batch(fz, [50.0])).shape == (1,)
+
+
+def test_a_network_with_levels_refuses_input_without_the_intervals():
+    fz = _levelled()
+    net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset))
+    with pytest.raises(ValueError, match="interval"):
+        net(*_batch(fz, [50.0])[:-1])

@@ -31,3 +31,15 @@ def test_an_unknown_schedule_is_refused_with_the_choices(capsys):
     assert exit_.value.code == 2 and "cosine" in capsys.readouterr().err
     with pytest.raises(ValueError, match="cosine, constant"):
         TrainConfig(schedule="linear")
+
+
+def test_training_length_is_counted_in_steps_on_a_small_snapshot_unless_given():
+    from model.module import EPOCHS, MIN_STEPS
+
+    cfg = TrainConfig()
+    assert cfg.max_epochs is None
+    assert cfg.epochs(72_000) == EPOCHS  # 563 steps an epoch: the default length
+    assert cfg.epochs(720) * 6 >= MIN_STEPS  # 6 steps an epoch: stretched to MIN_STEPS
+    assert cfg.epochs(720, world_size=2) * 3 >= MIN_STEPS  # each rank takes half
+    given = train_config(parse_args([*BASE, "--max-epochs", "2"]))
+    assert given.max_epochs == 2 and given.epochs(720) == 2  # given: taken as it is
