@@ -1,6 +1,7 @@
 """The value of the decisions: our model against what a practitioner would pick instead.
 
     python bench/policy_bench.py [--sizes 1000 10000 100000] [--seed 0] [--world hard]
+                                 [--members 1 3]
 
 Needs the development extras (`vowpalwabbit`, `lightgbm`). On the synthetic world
 (true rewards known), for each size: one snapshot, split by time as training splits
@@ -8,7 +9,8 @@ it (the newest 20% is the holdout). Every learner trains on the rows before the
 holdout; each then picks one action per holdout context, and the table gives the
 true mean reward of those picks and the share of the behaviour→oracle gap closed:
 
-- ours: `python -m model.train` with its defaults;
+- ours: `python -m model.train` with its defaults (and with `--members 3 ...`, an
+  ensemble of that many networks, for each count given);
 - Vowpal Wabbit's contextual bandit learner with action-dependent features
   (`--cb_adf --cb_type dr`, context × action interactions, 3 passes), costs = -reward,
   logged probabilities estimated by model/offpolicy.py's behaviour model;
@@ -130,7 +132,20 @@ class LightGBMPolicy:
         return [best[i][1] for i in range(len(rows))]
 
 
-def run(size: int, seed: int, root: Path, hard: bool = False) -> dict:
+def _ours(snap: Path, out: Path, seed: int, members: int):
+    extra = ["--members", str(members)] if members > 1 else []
+    r = subprocess.run(
+        model_train_command(snap, out, seed, "--threads", "2", *extra),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    return load(out / "artifact")
+
+
+def run(size: int, seed: int, root: Path, hard: bool = False, members=(1,)) -> dict:
     world = World(seed=seed, hard=hard)
     snap = synthetic_snapshot(root / f"snap-{size}", size, seed=seed, hard=hard)
     cfg = TrainConfig()
@@ -158,18 +173,15 @@ def run(size: int, seed: int, root: Path, hard: bool = False) -> dict:
         )
 
     seconds: dict[str, float] = {}
-    t = time.perf_counter()
-    out = root / f"ours-{size}"
-    r = subprocess.run(
-        model_train_command(snap, out, seed, "--threads", "2"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        raise SystemExit(r.stderr[-3000:])
-    ours = load(out / "artifact")
-    seconds["ours"] = time.perf_counter() - t
+    values: dict[str, float] = {}
+    for m in members:
+        name = "ours" if m == 1 else f"ours, {m} members"
+        t = time.perf_counter()
+        ours = _ours(snap, root / f"ours-{size}-{m}", seed, m)
+        seconds[name] = time.perf_counter() - t
+        values[name] = value(
+            ours.choose([h[0] for h in hold], [h[2] for h in hold], [h[1] for h in hold])
+        )
     t = time.perf_counter()
     behaviour = Behaviour(list(learn["bot"]), list(learn["input"]), list(learn["action"]))
     propensity, _ = behaviour.propensity(
@@ -184,10 +196,7 @@ def run(size: int, seed: int, root: Path, hard: bool = False) -> dict:
         bot: max(group["action"], key=lambda a, g=group: (g["action"] == a).sum())
         for bot, group in learn.groupby("bot")
     }
-    values = {
-        "ours": value(
-            ours.choose([h[0] for h in hold], [h[2] for h in hold], [h[1] for h in hold])
-        ),
+    values |= {
         "Vowpal Wabbit cb_adf (DR)": value([vw.choose(*h) for h in hold]),
         "LightGBM direct method": value(gbm.choose_many(hold)),
         "behaviour (logged)": value(list(holdout["action"])),
@@ -202,11 +211,14 @@ def main() -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", choices=["default", "hard"], default="default")
+    p.add_argument(
+        "--members", type=int, nargs="+", default=[1], help="ours with each number of members"
+    )
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="valifi-policy-bench-"))
     print(f"world: {args.world}")
     for size in args.sizes:
-        r = run(size, args.seed, root, hard=args.world == "hard")
+        r = run(size, args.seed, root, hard=args.world == "hard", members=args.members)
         v = r["values"]
         lo, hi = v["behaviour (logged)"], v["oracle"]
         print(

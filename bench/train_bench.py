@@ -35,7 +35,7 @@ def plain_loop(module: RewardRegressor, loader, epochs: int, device: str, bf16: 
     sync(device)
     t = time.perf_counter()
     for _ in range(epochs):
-        for *x, reward in loader:
+        for *x, reward, _weight in loader:
             x = [v.to(device) for v in x]
             reward = reward.to(device)
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
@@ -78,7 +78,7 @@ def flops_per_sample(module: RewardRegressor, loader, device: str) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     net = module.net.to(device)
-    *x, reward = next(iter(loader))
+    *x, reward, _weight = next(iter(loader))
     x = [v.to(device) for v in x]
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -108,7 +108,8 @@ def main() -> None:
         fz = data.featurizer
         L.seed_everything(0, verbose=False)
         base = RewardRegressor(
-            ModelConfig.preset(cfg.preset, fz.vocab_size, fz.max_len).to_dict(), cfg.to_dict()
+            ModelConfig.preset(cfg.preset, fz.vocab_size, fz.max_len, fz.word_offset).to_dict(),
+            cfg.to_dict(),
         )
         loader = data.train_dataloader()
         print(

@@ -111,6 +111,8 @@ class TrainSpec(BaseModel):
     devices: int = 1
     num_nodes: int = 1
     max_epochs: int | None = None  # None: the model's default
+    # networks trained side by side, the score their mean (model.module.TrainConfig)
+    members: int = Field(1, ge=1)
     timeout_s: float = 3600.0  # a training process running longer is killed
     lock_wait_s: float = 6 * 3600.0  # how long a run waits for another run to finish
     # Report true policy values from the synthetic generator (data from seed-data only).

@@ -42,6 +42,8 @@ def train_args(
     ]
     if epochs := max_epochs or spec.max_epochs:
         args += ["--max-epochs", str(epochs)]
+    if spec.members > 1:
+        args += ["--members", str(spec.members)]
     if spec.synthetic_ground_truth:
         args += ["--ground-truth", "synthetic"]
         if spec.synthetic_drift_at:

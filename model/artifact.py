@@ -1,7 +1,7 @@
 """The model artifact: one folder, JSON and safetensors only (never pickle).
 
     ARTIFACT/
-      model.safetensors   weights of the RewardModel
+      model.safetensors   weights of the RewardModel (or of each member of an ensemble)
       config.json         ModelConfig, TrainConfig and where the model came from
       featurizer.json     key paths, numeric statistics, word vocabulary
       action_bank.json    per bot: the actions seen in training, most frequent first
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from model.features import Featurizer, canonical_json
 from model.module import to_tensors
-from model.network import ModelConfig, RewardModel
+from model.network import ModelConfig, RewardEnsemble, RewardModel, build
 
 FILES = (
     "model.safetensors",
@@ -58,7 +58,7 @@ class AgentModel:
 
     def __init__(
         self,
-        net: RewardModel,
+        net: RewardModel | RewardEnsemble,
         featurizer: Featurizer,
         bank: dict[str, list[dict]],
         default_data_type: dict[str, str],
@@ -178,7 +178,7 @@ def canary_rows(df: pd.DataFrame, k: int = CANARY_SIZE) -> list[dict]:
 
 def save(
     out: Path,
-    net: RewardModel,
+    net: RewardModel | RewardEnsemble,
     featurizer: Featurizer,
     bank: dict,
     default_dt: dict,
@@ -226,7 +226,7 @@ def load(path: Path, verify: bool = True) -> AgentModel:
         config = json.loads((path / "config.json").read_text())
         featurizer = Featurizer.from_json((path / "featurizer.json").read_text())
         bank = json.loads((path / "action_bank.json").read_text())
-        net = RewardModel(ModelConfig(**config["model"]))
+        net = build(ModelConfig(**config["model"]))
         net.load_state_dict(load_file(path / "model.safetensors"))
         model = AgentModel(
             net,

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from model.features import Encoded, Featurizer
-from model.network import ModelConfig, RewardModel
+from model.network import ModelConfig, build
 
 SCHEDULES = ("cosine", "constant")
 EPOCHS = 15  # training length unless max_epochs is given ...
@@ -46,10 +46,15 @@ class TrainConfig:
     # constant; the decay settles the weights, where a noisy validation loss would not
     schedule: str = "cosine"
     ema_decay: float = 0.99  # weights validated and kept: a moving average (0: the last)
+    # networks trained side by side, the score their mean: steadier decisions on noisy
+    # rewards, at this many times the training and scoring time
+    members: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}: {self.schedule!r}")
+        if self.members < 1:
+            raise ValueError(f"members must be at least 1: {self.members}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,7 +188,7 @@ class RewardRegressor(L.LightningModule):
     def __init__(self, model_config: dict, train_config: dict):
         super().__init__()
         self.save_hyperparameters()
-        self.net = RewardModel(ModelConfig(**model_config))
+        self.net = build(ModelConfig(**model_config))
         self.lr = train_config["lr"]
         self.weight_decay = train_config["weight_decay"]
         self.schedule = train_config.get("schedule", "constant")
@@ -193,10 +198,17 @@ class RewardRegressor(L.LightningModule):
 
     def _common_step(self, batch, stage: str) -> torch.Tensor:
         *x, reward, weight = batch
-        pred = self(*x).float()
-        loss = (weight * (pred - reward) ** 2).mean()  # weighted mean squared error
+        each = self.net.each(*x).float()  # (M, B): every member's estimate
+        # weighted mean squared error, each member on its own (the mean of their errors)
+        loss = (weight * (each - reward) ** 2).mean()
+        # what is reported is the error of the score, the members' mean
+        shown = loss if stage == "train" else (weight * (each.mean(0) - reward) ** 2).mean()
         self.log(
-            f"{stage}_loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=len(reward)
+            f"{stage}_loss",
+            shown,
+            prog_bar=True,
+            sync_dist=stage != "train",
+            batch_size=len(reward),
         )
         return loss
 

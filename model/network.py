@@ -38,9 +38,14 @@ class ModelConfig:
     # intervals between each path's cuts (the levels where the training rewards step),
     # one embedding each per path (0: artifacts made before cuts)
     num_cuts: int = 0
+    # networks of this config trained side by side from their own initial weights,
+    # the score their mean (1: one network, as artifacts made before members)
+    members: int = 1
 
     @classmethod
-    def preset(cls, name: str, vocab_size: int, max_len: int, num_paths: int = 0) -> ModelConfig:
+    def preset(
+        cls, name: str, vocab_size: int, max_len: int, num_paths: int = 0, members: int = 1
+    ) -> ModelConfig:
         """`small` trains in a minute or two on 2 CPU cores; `large` is meant for GPUs."""
         sizes = {
             "small": {"num_bins": 32},
@@ -53,6 +58,7 @@ class ModelConfig:
             positions="leaf",
             cross=True,
             num_cuts=MAX_CUTS + 1 if num_paths else 0,
+            members=members,
             **sizes[name],
         )
 
@@ -157,6 +163,10 @@ class RewardModel(nn.Module):
             out = out + self._cross(h, ids, segment)
         return out
 
+    def each(self, *x: torch.Tensor) -> torch.Tensor:
+        """The score as a one-member ensemble's: (1, B)."""
+        return self(*x).unsqueeze(0)
+
     def _cross(self, h: torch.Tensor, ids: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
         """<P·mean context token, Q·mean action token>, over the leaves' tokens only."""
         g = self.cross_norm(h)  # (B, T, d)
@@ -166,3 +176,27 @@ class RewardModel(nn.Module):
         c = (g * ctx).sum(1) / ctx.sum(1).clamp(min=1.0)  # (B, d)
         a = (g * act).sum(1) / act.sum(1).clamp(min=1.0)
         return (self.cross_ctx(c) * self.cross_act(a)).sum(-1) / g.shape[-1] ** 0.5
+
+
+class RewardEnsemble(nn.Module):
+    """`cfg.members` networks of one config, each trained on its own loss from its own
+    initial weights; the score is their mean. Where one network's decisions near a level
+    depend on its seed, the mean's depend on it much less."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(RewardModel(cfg) for _ in range(cfg.members))
+
+    def each(self, *x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(*x) for m in self.members])  # (M, B)
+
+    def forward(self, *x: torch.Tensor) -> torch.Tensor:
+        return self.each(*x).mean(0)  # (B,)
+
+
+def build(cfg: ModelConfig) -> RewardModel | RewardEnsemble:
+    """The network of `cfg`: one RewardModel, or an ensemble of `cfg.members`."""
+    if cfg.members < 1:
+        raise ValueError(f"members must be at least 1: {cfg.members}")
+    return RewardModel(cfg) if cfg.members == 1 else RewardEnsemble(cfg)

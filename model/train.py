@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> TrainResult | None:
     data = SnapshotDataModule(args.snapshot, cfg)
     data.setup("fit")
     fz = data.featurizer
-    model_cfg = ModelConfig.preset(cfg.preset, fz.vocab_size, fz.max_len, fz.word_offset)
+    model_cfg = ModelConfig.preset(
+        cfg.preset, fz.vocab_size, fz.max_len, fz.word_offset, members=cfg.members
+    )
     module = RewardRegressor(model_cfg.to_dict(), cfg.to_dict())
     trainer, checkpoint = build_trainer(args, cfg, len(data.train_df))
     started = time.perf_counter()

@@ -86,6 +86,17 @@ def test_smoke_run_writes_a_loadable_artifact(small_snapshot, tmp_path):
     assert float(check.stdout) < 1e-4
 
 
+def test_an_ensemble_trains_and_loads_as_one_artifact(small_snapshot, tmp_path):
+    _train(small_snapshot, tmp_path, "--members", "2")
+    model = load(tmp_path / "artifact")  # verifies the canaries
+    assert model.config["model"]["members"] == 2 and len(model.net.members) == 2
+    assert model.config["train"]["members"] == 2
+    assert {k.split(".")[1] for k in load_file(tmp_path / "artifact" / "model.safetensors")} == {
+        "0",
+        "1",
+    }
+
+
 def test_corrupt_weights_fail_the_canary_check(small_snapshot, tmp_path):
     _train(small_snapshot, tmp_path)
     art = tmp_path / "artifact"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.module import RewardRegressor, SnapshotDataModule, TrainConfig
-from model.network import ModelConfig
+from model.module import RewardRegressor, SnapshotDataModule, TrainConfig, to_tensors
+from model.network import ModelConfig, RewardEnsemble, build
 from tests.helpers import synthetic_snapshot
 
 END = datetime(2026, 6, 1)
@@ -70,3 +70,43 @@ def test_levels_are_found_on_the_rewards_trained_on(snapshot):
     assert "in.price" not in cuts and "in.indicators.macd" not in cuts
     shuffled = _data(snapshot, shuffle_rewards=True).featurizer.cuts
     assert shuffled == {}
+
+
+def test_members_each_learn_on_their_own_loss_and_validation_reports_their_mean(snapshot):
+    data = _data(snapshot)
+    fz = data.featurizer
+    cfg = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset, members=2)
+    module = RewardRegressor(cfg.to_dict(), TrainConfig(members=2).to_dict())
+    logged = {}
+    module.log = lambda name, value, **k: logged.update({name: float(value)})
+    *x, reward, weight = (t[:64] for t in data.train_set.tensors)
+    with torch.no_grad():
+        each = module.net.each(*x)
+    mse = [float((weight * (e - reward) ** 2).mean()) for e in each]
+    loss = module._common_step((*x, reward, weight), "train")
+    assert float(loss) == pytest.approx(sum(mse) / 2, rel=1e-5)
+    loss.backward()  # both members get a gradient from their own error
+    assert all(m.head[-1].weight.grad.abs().sum() > 0 for m in module.net.members)
+    with torch.no_grad():
+        module._common_step((*x, reward, weight), "val")
+    mean = float((weight * (each.mean(0) - reward) ** 2).mean())
+    assert logged["val_loss"] == pytest.approx(mean, rel=1e-5)
+
+
+def test_an_ensemble_artifact_loads_and_reproduces_its_canaries(snapshot, tmp_path):
+    from model import artifact
+
+    data = _data(snapshot)
+    fz = data.featurizer
+    cfg = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset, members=2)
+    net = build(cfg)
+    canary = artifact.canary_rows(data.val_df)
+    bank = artifact.action_bank(data.train_df)
+    dt = artifact.default_data_types(data.train_df)
+    path = artifact.save(tmp_path / "a", net, fz, bank, dt, {"model": cfg.to_dict()}, canary, {})
+    model = artifact.load(path)  # verifies the canaries
+    assert isinstance(model.net, RewardEnsemble) and len(model.net.members) == 2
+    rows = [(c["bot"], c["data_type"], c["input"], c["action"]) for c in canary]
+    with torch.no_grad():
+        want = net.eval()(*to_tensors(fz.encode(rows))).numpy()
+    np.testing.assert_allclose(model.score(rows), want, atol=1e-6)

@@ -5,7 +5,7 @@ import torch
 
 from model.features import Featurizer
 from model.module import ema, to_tensors
-from model.network import ModelConfig, RewardModel
+from model.network import ModelConfig, RewardEnsemble, RewardModel, build
 
 ROWS = [("bot", "dt", {"rsi": float(v)}, {"action": a}) for v in range(10, 91) for a in "xy"]
 
@@ -190,3 +190,30 @@ def test_a_network_with_levels_refuses_input_without_the_intervals():
     net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset))
     with pytest.raises(ValueError, match="interval"):
         net(*_batch(fz, [50.0])[:-1])
+
+
+def test_an_ensemble_scores_the_mean_of_members_that_start_from_their_own_weights():
+    fz = Featurizer.build(ROWS, max_len=16, min_count=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset, members=3)
+    net = build(cfg).eval()
+    assert isinstance(net, RewardEnsemble) and len(net.members) == 3
+    x = _batch(fz, [20.0, 50.0, 80.0])
+    with torch.no_grad():
+        each = net.each(*x)
+        assert each.shape == (3, 3)
+        assert torch.allclose(net(*x), each.mean(0))
+        assert each.std(0).min() > 1e-4  # three networks, not one three times
+
+
+def test_one_member_is_the_plain_network_with_the_keys_artifacts_had():
+    fz = Featurizer.build(ROWS, max_len=16, min_count=1)
+    net = build(ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset))
+    assert type(net) is RewardModel and "tok.weight" in net.state_dict()
+    with torch.no_grad():
+        assert net.each(*_batch(fz, [50.0])).shape == (1, 1)
+    old = net.cfg.to_dict()
+    old.pop("members")  # a config saved before members
+    assert type(build(ModelConfig(**old))) is RewardModel
+    with pytest.raises(ValueError, match="at least 1"):
+        build(ModelConfig(**old, members=0))

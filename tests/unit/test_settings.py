@@ -109,3 +109,17 @@ def test_a_misspelt_section_setting_is_an_error(in_tmp, monkeypatch):
     monkeypatch.setenv("VALIFI_GATE_MARGN", "0.2")
     with pytest.raises(ValidationError, match="margn"):
         Settings()
+
+
+def test_members_reach_the_training_command_and_fewer_than_one_is_refused(in_tmp, monkeypatch):
+    from pydantic import ValidationError
+
+    from flows.training import train_args
+
+    assert "--members" not in train_args(Settings().train)
+    monkeypatch.setenv("VALIFI_TRAIN_MEMBERS", "3")
+    args = train_args(Settings().train)
+    assert args[args.index("--members") + 1] == "3"
+    monkeypatch.setenv("VALIFI_TRAIN_MEMBERS", "0")
+    with pytest.raises(ValidationError, match="members"):
+        Settings()
