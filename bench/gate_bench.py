@@ -16,7 +16,8 @@ the same temporal holdout:
 Each pair's truth is its true policy value difference on the holdout (beyond
 +-`--tol`: truly better or worse). The gate is applied twice: on the squared error
 alone (`value_check=false`) and as shipped (error, then the doubly-robust value
-when well conditioned). Prints every pair, then how often each gate promoted a truly
+when well conditioned: non-inferiority, or no shown loss when the interval is wider
+than the margin). Prints every pair, then how often each gate promoted a truly
 worse policy (target 0) and rejected a truly better one (target at most 10%).
 """
 
@@ -124,7 +125,10 @@ def main() -> int:
         f"snapshot {args.rows} rows, holdout {len(holdout)} rows; true value of the champion "
         f"{values['champion']:.4f}, of the small champion {values['small-champion']:.4f}"
     )
-    print("| challenger | against | true value diff | truth | error only | as shipped | DR diff |")
+    print(
+        "| challenger | against | true value diff | truth | error only | as shipped "
+        "| DR diff, value test |"
+    )
     print("|---|---|---|---|---|---|---|")
     rows = []
     for new, old in pairs:
@@ -135,8 +139,10 @@ def main() -> int:
             for g, spec in gates.items()
         }
         rows.append((truth, {g: d.passed for g, d in verdicts.items()}))
-        d = verdicts["as shipped"].value.get("diff") or {}
+        shipped = verdicts["as shipped"].value
+        d = shipped.get("diff") or {}
         dr = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "—"
+        dr += f", {shipped['test'] if shipped.get('checked') else 'not applied'}"
         print(
             f"| {new} | {old} | {diff:+.4f} | {truth} | "
             + " | ".join("promote" if v.passed else "reject" for v in verdicts.values())
@@ -150,7 +156,7 @@ def main() -> int:
         print(
             f"| retrain after drift | champion before it | {diff:+.4f} | {truth} | — | "
             f"{'promote' if r['decision'].passed else 'reject'} | "
-            f"{r['decision'].value['diff']['mean']:+.4f} |"
+            f"{r['decision'].value['diff']['mean']:+.4f}, {r['decision'].value['test']} |"
         )
         print(
             f"\ndrift: the champion earned {r['champion_before']:.4f} before the drift and "

@@ -83,7 +83,9 @@ class GateSpec(BaseModel):
     # Also require the doubly-robust estimate of the policy's value not to fall below
     # the champion's by more than `margin` x the holdout rewards' standard deviation
     # (lower CI bound of challenger - champion). None: only when both estimates are
-    # well conditioned; True: always (a poorly conditioned estimate rejects); False: never.
+    # well conditioned, and when the interval is wider than the margin on either side
+    # only a loss the interval shows rejects; True: always the lower bound (a poorly
+    # conditioned or imprecise estimate rejects); False: never.
     value_check: bool | None = None
     ope_min_ess: float = 100.0  # effective sample size below this: poorly conditioned
     ope_bootstrap: int = 500

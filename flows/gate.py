@@ -13,7 +13,11 @@ Beside the error, the gate estimates the value of each model's decisions off-pol
 bootstrap intervals and the effective sample size). When both doubly-robust
 estimates are well conditioned (or `value_check` is set), the challenger must also
 not lose value: the lower bound of the paired interval of (challenger − champion)
-must lie above −`margin` × the holdout rewards' standard deviation.
+must lie above −`margin` × the holdout rewards' standard deviation. An interval
+wider than the margin on either side cannot show that: a challenger exactly as good
+as the champion would fail on the noise alone. Then (unless `value_check` is set)
+the gate asks only that no loss beyond the margin is shown: the interval's upper
+bound must lie above −margin.
 
 The gate fails closed: a non-finite metric or per-row error, rows that do not
 pair up, or a holdout too small to decide is a rejection with that reason.
@@ -41,7 +45,9 @@ class GateDecision:
     floors: dict = field(default_factory=dict)
     rule: str = ""  # the rule in words, with the numbers
     # off-policy value: {"challenger": estimates, "champion": estimates or None,
-    # "diff": {mean, low, high, margin} or None, "checked": bool, "note": str}
+    # "diff": {mean, low, high, margin} or None, "checked": bool,
+    # "test": "non-inferiority" (lower bound above -margin) or "no shown loss" (upper
+    # bound above -margin: the interval is too wide to show more), "note": str}
     value: dict | None = None
 
     def summary(self) -> str:
@@ -50,6 +56,10 @@ class GateDecision:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"summary": self.summary()}
+
+
+NON_INFERIORITY = "non-inferiority"  # the value criterion's tests (see the docstring)
+NO_SHOWN_LOSS = "no shown loss"
 
 
 def _finite(x) -> bool:
@@ -153,17 +163,29 @@ def decide(
 
 
 def _value_criterion(spec: GateSpec, value: dict, vs: str, reasons: list[str]) -> bool:
-    """The doubly-robust value must not drop by more than the margin (lower CI bound)."""
+    """The doubly-robust value must not drop by more than the margin: shown by the
+    lower CI bound, or, when the interval is too wide for that, not contradicted by
+    the upper one."""
     d = value.get("diff")
-    if d is None or not all(_finite(d.get(k)) for k in ("mean", "low", "margin")):
+    if d is None or not all(_finite(d.get(k)) for k in ("mean", "low", "high", "margin")):
         reasons.append(f"cannot decide on value: {value.get('note') or 'no estimate'}")
         return False
     ci = f"{spec.confidence:.0%} CI [{d['low']:+.4f}, {d['high']:+.4f}]"
     text = f"doubly-robust value {d['mean']:+.4f} vs {vs}, {ci}"
-    if d["low"] > -d["margin"]:
-        reasons.append(f"{text}: lower bound above the margin {-d['margin']:+.4f}")
+    bound = -d["margin"]
+    if value.get("test") == NO_SHOWN_LOSS:
+        if d["high"] > bound:
+            reasons.append(
+                f"{text}: too wide to show non-inferiority; no loss beyond the margin "
+                f"{bound:+.4f} shown"
+            )
+            return True
+        reasons.append(f"loses value: {text}, upper bound below the margin {bound:+.4f}")
+        return False
+    if d["low"] > bound:
+        reasons.append(f"{text}: lower bound above the margin {bound:+.4f}")
         return True
-    reasons.append(f"loses value: {text}, lower bound not above the margin {-d['margin']:+.4f}")
+    reasons.append(f"loses value: {text}, lower bound not above the margin {bound:+.4f}")
     return False
 
 
@@ -192,6 +214,16 @@ def value_evidence(spec: GateSpec, new_rows, old_rows, reward: np.ndarray) -> di
     out["note"] = (
         "; ".join(warnings) if warnings else "the off-policy estimates are well conditioned"
     )
+    out["test"] = NON_INFERIORITY
+    d = out["diff"]
+    if out["checked"] and spec.value_check is None and (d["high"] - d["low"]) / 2 > d["margin"]:
+        # (a NaN half-width compares False: the criterion then stays strict and fails)
+        out["test"] = NO_SHOWN_LOSS
+        out["note"] += (
+            f"; the paired interval is ±{(d['high'] - d['low']) / 2:.4f} wide, more than the "
+            f"margin {d['margin']:.4f}: a challenger exactly as good would fail on noise, so "
+            "only a loss beyond the margin that the interval shows rejects"
+        )
     if old_rows is not None and not out["checked"]:
         out["note"] += (
             "; the value criterion was not applied"

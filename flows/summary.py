@@ -66,7 +66,7 @@ def _value_rows(value: dict | None) -> list[str]:
         + " |"
     )
     if d := value.get("diff"):
-        applied = "applied" if value.get("checked") else "not applied"
+        applied = f"applied: {value.get('test')}" if value.get("checked") else "not applied"
         out.append(
             f"| doubly-robust value, challenger − champion | {d['mean']:+.4f} | "
             f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}]; margin {-d['margin']:+.4f} "

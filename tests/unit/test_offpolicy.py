@@ -130,3 +130,55 @@ def test_a_poorly_conditioned_estimate_is_reported_but_not_applied_unless_asked(
     assert not decide(forced, GOOD, errors, GOOD, errors, "3", strict).passed
     off = spec.model_copy(update={"value_check": False, "ope_min_ess": 10})
     assert not _value(off, lambda r: np.full(len(r), 2), _oracle)["checked"]
+
+
+def _equal_value_pair(n: int, seed: int = 5):
+    """A champion that always takes the habitual action and a challenger that takes a
+    rarely logged one on 30% of the rows; every action is worth the same, so only the
+    weights' noise separates them."""
+    rng = np.random.default_rng(seed)
+    logged = rng.choice(3, n, p=[0.8, 0.1, 0.1])
+    propensity = np.array([0.8, 0.1, 0.1])[logged]
+    reward = rng.normal(0.0, 1.0, n)
+    new = np.where(rng.random(n) < 0.3, 1, 0)
+
+    def rows(chosen):
+        q = np.zeros(n)
+        picked = [ACTIONS[k] for k in chosen]
+        return PolicyRows.build(q, q, picked, [ACTIONS[k] for k in logged], propensity, reward)
+
+    return rows(new), rows(np.zeros(n, int)), reward
+
+
+def test_an_interval_wider_than_the_margin_rejects_only_a_loss_it_shows():
+    errors = np.random.default_rng(0).exponential(0.07, 800)
+    spec = GateSpec()
+    value = value_evidence(spec, *_equal_value_pair(800))
+    d = value["diff"]
+    # well conditioned, but the interval cannot tell an equal challenger from a worse
+    # one: its lower bound lies below the margin
+    assert value["checked"] and (d["high"] - d["low"]) / 2 > d["margin"]
+    assert d["low"] < -d["margin"] < d["high"]
+    assert value["test"] == "no shown loss" and "exactly as good would fail" in value["note"]
+    assert decide(spec, GOOD, errors, GOOD, errors, "3", value).passed
+    forced = spec.model_copy(update={"value_check": True})
+    strict = value_evidence(forced, *_equal_value_pair(800))
+    assert strict["test"] == "non-inferiority"
+    assert "loses value" in decide(forced, GOOD, errors, GOOD, errors, "3", strict).summary()
+    # the same pair with ten times the rows: precise enough for non-inferiority, shown
+    precise = value_evidence(spec, *_equal_value_pair(8000))
+    assert precise["test"] == "non-inferiority" and "exactly as good" not in precise["note"]
+    errors = np.random.default_rng(0).exponential(0.07, 8000)
+    assert decide(spec, GOOD, errors, GOOD, errors, "3", precise).passed
+    # and a clear loss is rejected however wide the interval
+    rsi, _, logged, reward, p = _logs(300, seed=0)
+    hold = value_evidence(
+        spec,
+        _rows(rsi, logged, reward, p, np.full(300, 2)),
+        _rows(rsi, logged, reward, p, _oracle(rsi)),
+        reward,
+    )
+    assert hold["test"] == "no shown loss" and hold["diff"]["high"] < -hold["diff"]["margin"]
+    errors = np.random.default_rng(0).exponential(0.07, 300)
+    d = decide(spec, GOOD, errors, GOOD, errors, "3", hold)
+    assert not d.passed and "upper bound below the margin" in d.summary()

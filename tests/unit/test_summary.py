@@ -75,8 +75,8 @@ def test_summary_has_every_section_and_the_links():
         "| policy value, doubly robust | ",
         "| effective sample size (matched rows) | 250 (250) | 250 (250) |",
         "| doubly-robust value, challenger − champion |",
-        "(applied) |",
-        "Off-policy value: the off-policy estimates are well conditioned.",
+        "(applied: no shown loss) |",
+        "Off-policy value: the off-policy estimates are well conditioned; the paired interval",
         "[valifi-agent v2](http://m/#/models/valifi-agent/versions/2)",
         "(http://m/#/experiments/1/runs/abc)",
     ):
