@@ -103,11 +103,25 @@ def _floors(spec: GateSpec, challenger: dict) -> tuple[list[str], dict]:
 
 
 def rule_text(spec: GateSpec) -> str:
+    value = {
+        None: (
+            " When both off-policy estimates are well conditioned, the lower bound of the "
+            "CI of (challenger − champion) doubly-robust value must also lie above "
+            f"−{spec.margin:.0%} of the holdout rewards' standard deviation (its upper bound, "
+            "when the interval is wider than that on either side)."
+        ),
+        True: (
+            " The lower bound of the CI of (challenger − champion) doubly-robust value must "
+            f"also lie above −{spec.margin:.0%} of the holdout rewards' standard deviation."
+        ),
+        False: " The off-policy value is reported, not applied.",
+    }[spec.value_check]
     return (
         f"Promote when AUC ≥ {spec.auc_min:g}, RMSE ≤ {spec.rmse_ratio_max:g} × the mean "
         f"predictor's, and the upper bound of the {spec.confidence:.0%} CI of "
         f"(challenger − champion) holdout MSE is below {spec.margin:.0%} of the champion's "
         f"MSE; any non-finite number or a holdout under {spec.min_holdout_rows} rows rejects."
+        + value
     )
 
 

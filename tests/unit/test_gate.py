@@ -71,3 +71,10 @@ def test_the_rule_is_stated_in_words_with_the_numbers():
     d = decide(GateSpec(margin=0.07), GOOD, _errors(500))
     assert "upper bound of the 95% CI" in d.rule and "below 7% of the champion's MSE" in d.rule
     assert d.to_dict()["rule"] == d.rule
+    # the value criterion as each setting of value_check applies it
+    assert "When both off-policy estimates are well conditioned" in d.rule
+    assert "above −7% of the holdout rewards' standard deviation (its upper bound" in d.rule
+    forced = decide(GateSpec(margin=0.07, value_check=True), GOOD, _errors(500)).rule
+    assert "doubly-robust value must also lie above −7%" in forced and "upper bound," not in forced
+    off = decide(GateSpec(value_check=False), GOOD, _errors(500)).rule
+    assert "off-policy value is reported, not applied" in off and "doubly-robust" not in off
