@@ -194,9 +194,8 @@ def run(size: int, seed: int, root: Path, hard: bool = False, members=(1,)) -> d
     seconds["lightgbm"] = time.perf_counter() - t
     frequent = {}  # each bot's most frequent action (counted by its canonical JSON)
     for bot, group in learn.groupby("bot"):
-        by_key = {canonical_json(a): a for a in group["action"]}
-        top = group["action"].map(canonical_json).value_counts().index[0]
-        frequent[bot] = by_key[top]
+        keys = group["action"].map(canonical_json)
+        frequent[bot] = dict(zip(keys, group["action"], strict=True))[keys.value_counts().index[0]]
     values |= {
         "Vowpal Wabbit cb_adf (DR)": value([vw.choose(*h) for h in hold]),
         "LightGBM direct method": value(gbm.choose_many(hold)),

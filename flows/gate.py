@@ -103,17 +103,16 @@ def _floors(spec: GateSpec, challenger: dict) -> tuple[list[str], dict]:
 
 
 def rule_text(spec: GateSpec) -> str:
+    lower = (
+        "lower bound of the CI of (challenger − champion) doubly-robust value must also lie "
+        f"above −{spec.margin:.0%} of the holdout rewards' standard deviation"
+    )
     value = {
         None: (
-            " When both off-policy estimates are well conditioned, the lower bound of the "
-            "CI of (challenger − champion) doubly-robust value must also lie above "
-            f"−{spec.margin:.0%} of the holdout rewards' standard deviation (its upper bound, "
-            "when the interval is wider than that on either side)."
+            f" When both off-policy estimates are well conditioned, the {lower} (its upper "
+            "bound, when the interval is wider than that on either side)."
         ),
-        True: (
-            " The lower bound of the CI of (challenger − champion) doubly-robust value must "
-            f"also lie above −{spec.margin:.0%} of the holdout rewards' standard deviation."
-        ),
+        True: f" The {lower}.",
         False: " The off-policy value is reported, not applied.",
     }[spec.value_check]
     return (
@@ -230,11 +229,12 @@ def value_evidence(spec: GateSpec, new_rows, old_rows, reward: np.ndarray) -> di
     )
     out["test"] = NON_INFERIORITY
     d = out["diff"]
-    if out["checked"] and spec.value_check is None and (d["high"] - d["low"]) / 2 > d["margin"]:
+    half = (d["high"] - d["low"]) / 2 if d else None
+    if out["checked"] and spec.value_check is None and half > d["margin"]:
         # (a NaN half-width compares False: the criterion then stays strict and fails)
         out["test"] = NO_SHOWN_LOSS
         out["note"] += (
-            f"; the paired interval is ±{(d['high'] - d['low']) / 2:.4f} wide, more than the "
+            f"; the paired interval is ±{half:.4f} wide, more than the "
             f"margin {d['margin']:.4f}: a challenger exactly as good would fail on noise, so "
             "only a loss beyond the margin that the interval shows rejects"
         )
