@@ -46,8 +46,10 @@ class AgentPyfunc(PythonModel):
                     "agent": bot,
                     "action": ranked[0].action,
                     "expected_reward": ranked[0].score,
+                    "lower_bound": ranked[0].lower,
                     "runners_up": [
-                        {"action": r.action, "expected_reward": r.score} for r in ranked[1:4]
+                        {"action": r.action, "expected_reward": r.score, "lower_bound": r.lower}
+                        for r in ranked[1:4]
                     ],
                 }
             )

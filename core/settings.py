@@ -115,6 +115,9 @@ class TrainSpec(BaseModel):
     max_epochs: int | None = None  # None: the model's default
     # networks trained side by side, the score their mean (model.module.TrainConfig)
     members: int = Field(1, ge=1)
+    # standard errors an action's expected reward is lowered by before ranking, for how
+    # few rows show it (model.module.TrainConfig.pessimism); None: the model's default
+    pessimism: float | None = Field(None, ge=0, allow_inf_nan=False)
     timeout_s: float = 3600.0  # a training process running longer is killed
     lock_wait_s: float = 6 * 3600.0  # how long a run waits for another run to finish
     # Report true policy values from the synthetic generator (data from seed-data only).

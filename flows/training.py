@@ -44,6 +44,8 @@ def train_args(
         args += ["--max-epochs", str(epochs)]
     if spec.members > 1:
         args += ["--members", str(spec.members)]
+    if spec.pessimism is not None:
+        args += ["--pessimism", str(spec.pessimism)]
     if spec.synthetic_ground_truth:
         args += ["--ground-truth", "synthetic"]
         if spec.synthetic_drift_at:

@@ -4,7 +4,8 @@
       model.safetensors   weights of the RewardModel (or of each member of an ensemble)
       config.json         ModelConfig, TrainConfig and where the model came from
       featurizer.json     key paths, numeric statistics, word vocabulary
-      action_bank.json    per bot: the actions seen in training, most frequent first
+      action_bank.json    per bot: the actions seen in training, most frequent first,
+                          how many rows show each, and the ranking's pessimism
       canary.json         a few pairs with the scores this model gave them
       metrics.json        evaluation on the temporal holdout
 
@@ -50,7 +51,45 @@ class ArtifactError(RuntimeError):
 @dataclass
 class Ranked:
     action: dict
-    score: float
+    score: float  # expected reward
+    lower: float  # what the ranking orders by: the score less the action's uncertainty
+
+
+@dataclass(frozen=True)
+class Support:
+    """How well the training rows cover each bank action, for ranking by a lower bound.
+
+    An action logged n times for a bot ranks by `score - penalty / sqrt(n)`: `penalty`
+    is the model's pessimism times its validation error (a mean over n noisy rewards is
+    off by about error / sqrt(n)). An action outside the bank counts as logged once.
+    Without it (artifacts made before it, or pessimism 0) actions rank by score alone.
+    """
+
+    counts: dict[str, dict[str, int]]  # bot -> canonical JSON of the action -> rows
+    penalty: float = 0.0
+
+    def margin(self, bot: str, action: dict) -> float:
+        if self.penalty <= 0:
+            return 0.0
+        n = self.counts.get(bot, {}).get(canonical_json(action), 0)
+        return self.penalty / max(n, 1) ** 0.5
+
+    @classmethod
+    def from_json(cls, doc: dict, bank: dict[str, list[dict]]) -> Support:
+        counts = doc.get("counts", {})
+        penalty = float(doc.get("pessimism", 0.0)) * float(doc.get("noise_sd", 0.0))
+        if not (np.isfinite(penalty) and penalty >= 0):
+            raise ValueError(f"pessimism and noise_sd must be numbers >= 0: {doc}")
+        return cls(
+            {
+                bot: {canonical_json(a): int(n) for a, n in zip(bank[bot], ns, strict=True)}
+                for bot, ns in counts.items()
+            },
+            penalty,
+        )
+
+
+NO_SUPPORT = Support({})
 
 
 class AgentModel:
@@ -65,6 +104,7 @@ class AgentModel:
         config: dict,
         canary: list[dict],
         metrics: dict,
+        support: Support = NO_SUPPORT,
     ):
         self.net = net.eval()
         self.featurizer = featurizer
@@ -73,6 +113,7 @@ class AgentModel:
         self.config = config
         self.canary = canary
         self.metrics = metrics
+        self.support = support
         self.device = torch.device("cpu")
 
     def to(self, device: str | torch.device) -> AgentModel:
@@ -109,13 +150,14 @@ class AgentModel:
         requests: list[tuple[str, dict, list[dict] | None]],
         data_types: list[str | None] | None = None,
     ) -> list[list[Ranked]]:
-        """For each (bot, input, candidates or None for the bank): candidates, best first.
+        """For each (bot, input, candidates or None for the bank): candidates, best first
+        by the lower bound of their reward (see `Support`).
 
         All candidates of all requests are scored in one batched forward pass; each
         request's context is featurized once, each distinct action once.
         """
         fz = self.featurizer
-        seqs, spans, acts = [], [], {}
+        seqs, spans, acts, margins, margin = [], [], {}, [], {}
         for i, (bot, x, candidates) in enumerate(requests):
             cands = candidates if candidates else self.bank.get(bot, [])
             dt = (data_types[i] if data_types else None) or self.default_data_type.get(
@@ -126,12 +168,18 @@ class AgentModel:
             for a in cands:
                 if id(a) not in acts:
                     acts[id(a)] = fz.action_tokens(a)
+                if (bot, id(a)) not in margin:
+                    margin[bot, id(a)] = self.support.margin(bot, a)
                 seqs.append(fz.join(ctx, acts[id(a)]))
+                margins.append(margin[bot, id(a)])
         scores = self._score(seqs)
+        lower = scores - np.asarray(margins, dtype=scores.dtype)
         ranked = []
         for lo, hi, cands in spans:
-            order = np.argsort(-scores[lo:hi], kind="stable")
-            ranked.append([Ranked(cands[k], float(scores[lo + k])) for k in order])
+            order = np.argsort(-lower[lo:hi], kind="stable")
+            ranked.append(
+                [Ranked(cands[k], float(scores[lo + k]), float(lower[lo + k])) for k in order]
+            )
         return ranked
 
     def choose(self, bots, inputs, data_types=None) -> list[dict]:
@@ -152,6 +200,15 @@ class AgentModel:
                 f"canary scores differ by {err:.3g} (> {atol:g}): corrupt or incompatible artifact"
             )
         return err
+
+
+def bank_counts(df: pd.DataFrame, bank: dict[str, list[dict]]) -> dict[str, list[int]]:
+    """Per bot, how many rows of `df` show each of its bank actions (in bank order)."""
+    out = {}
+    for bot, group in df.groupby("bot", sort=True):
+        counts = Counter(canonical_json(a) for a in group["action"])
+        out[str(bot)] = [counts[canonical_json(a)] for a in bank.get(str(bot), [])]
+    return out
 
 
 def action_bank(df: pd.DataFrame, cap: int = BANK_CAP) -> dict[str, list[dict]]:
@@ -185,8 +242,10 @@ def save(
     config: dict,
     canary: list[dict],
     metrics: dict,
+    support: dict | None = None,
 ) -> Path:
-    """Write the artifact folder atomically; canary scores are computed here, by this net."""
+    """Write the artifact folder atomically; canary scores are computed here, by this net.
+    `support`: {"counts": bank_counts(...), "pessimism": k, "noise_sd": s} (see Support)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = AgentModel(net, featurizer, bank, default_dt, config, [], metrics)
@@ -200,7 +259,9 @@ def save(
             "config.json": json.dumps(config, indent=2),
             "featurizer.json": featurizer.to_json(),
             "action_bank.json": json.dumps(
-                {"bank": bank, "default_data_type": default_dt}, indent=2
+                {"bank": bank, "default_data_type": default_dt}
+                | ({"support": support} if support else {}),
+                indent=2,
             ),
             "canary.json": json.dumps(canary, indent=2),
             "metrics.json": json.dumps(metrics, indent=2),
@@ -236,6 +297,7 @@ def load(path: Path, verify: bool = True) -> AgentModel:
             config,
             json.loads((path / "canary.json").read_text()),
             json.loads((path / "metrics.json").read_text()),
+            Support.from_json(bank.get("support", {}), bank["bank"]),
         )
     except ArtifactError:
         raise

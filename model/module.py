@@ -49,8 +49,15 @@ class TrainConfig:
     # networks trained side by side, the score their mean: steadier decisions on noisy
     # rewards, at this many times the training and scoring time
     members: int = 1
+    # Actions are ranked by a lower bound: the expected reward less this many standard
+    # errors of a mean over the rows the action was logged in (the validation error
+    # over the square root of their count), so that an action the logs show a handful
+    # of times is not picked on a few lucky rewards (0: by the expected reward alone)
+    pessimism: float = 2.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.pessimism) and self.pessimism >= 0):
+            raise ValueError(f"pessimism must be a number >= 0: {self.pessimism}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}: {self.schedule!r}")
         if self.members < 1:

@@ -184,7 +184,23 @@ def _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds) -> TrainR
         if args.ground_truth != "none"
         else None
     )
-    probe = artifact.AgentModel(net, data.featurizer, bank, default_dt, {}, [], {})
+    val_loss = float(trainer.callback_metrics["val_loss"])  # of the weights kept
+    # the ranking's lower bound: the validation error is the noise of one reward
+    support = {
+        "counts": artifact.bank_counts(data.train_df, bank),
+        "pessimism": cfg.pessimism,
+        "noise_sd": val_loss**0.5,
+    }
+    probe = artifact.AgentModel(
+        net,
+        data.featurizer,
+        bank,
+        default_dt,
+        {},
+        [],
+        {},
+        artifact.Support.from_json(support, bank),
+    )
     train_mean = float(data.train_df["reward"].mean())
     metrics = evaluate(probe, data.holdout_df, train_mean, world) if len(data.holdout_df) else {}
     samples = len(data.train_df) * trainer.current_epoch
@@ -194,7 +210,7 @@ def _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds) -> TrainR
         "epochs": trainer.current_epoch,
         "train_seconds": seconds,
         "samples_per_s": samples / seconds if seconds else 0.0,
-        "val_loss": float(trainer.callback_metrics["val_loss"]),  # of the weights kept
+        "val_loss": val_loss,
         # numbers in the training rows that were NaN, infinite or beyond float range
         "missing_numbers": data.featurizer.missing_numbers,
     }
@@ -217,7 +233,15 @@ def _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds) -> TrainR
         },
     }
     path = artifact.save(
-        args.out / "artifact", net, data.featurizer, bank, default_dt, config, canary, metrics
+        args.out / "artifact",
+        net,
+        data.featurizer,
+        bank,
+        default_dt,
+        config,
+        canary,
+        metrics,
+        support,
     )
     result = TrainResult(path, args.out / "runs", metrics, config)
     result.write(args.out)

@@ -201,8 +201,13 @@ class AgentAPI(ls.LitAPI):
                     "result": {
                         "action": best.action,
                         "expected_reward": round(best.score, 6),
+                        "lower_bound": round(best.lower, 6),
                         "runners_up": [
-                            {"action": r.action, "expected_reward": round(r.score, 6)}
+                            {
+                                "action": r.action,
+                                "expected_reward": round(r.score, 6),
+                                "lower_bound": round(r.lower, 6),
+                            }
                             for r in rest[:5]
                         ],
                         "candidates": "context" if cands else "action bank",

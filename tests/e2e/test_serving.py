@@ -161,8 +161,10 @@ def test_original_design_examples(server):
     result = body["result"]
     assert result["action"]["action"] in {"buy", "sell", "hold"}
     assert len(result["runners_up"]) == 3 and result["candidates"] == "action bank"
-    scores = [result["expected_reward"]] + [r["expected_reward"] for r in result["runners_up"]]
-    assert scores == sorted(scores, reverse=True)
+    ranked = [result, *result["runners_up"]]
+    lower = [r["lower_bound"] for r in ranked]  # the ranking orders by the lower bound
+    assert lower == sorted(lower, reverse=True)
+    assert all(r["lower_bound"] < r["expected_reward"] for r in ranked)
     assert "trading_advanced recommends" in body["answer"]
 
 

@@ -63,13 +63,28 @@ def test_smoke_run_writes_a_loadable_artifact(small_snapshot, tmp_path):
     assert weights.keys() == {k.removeprefix("net.") for k in state}
     assert all(torch.equal(weights[k.removeprefix("net.")], v.float()) for k, v in state.items())
     assert np.isfinite(result.metrics["val_loss"])
-    bank = json.loads((art / "action_bank.json").read_text())["bank"]
+    doc = json.loads((art / "action_bank.json").read_text())
+    bank = doc["bank"]
     assert set(bank) == {
         "trading_advanced",
         "financial_stocks",
         "analytics_portfolio",
         "platform_onboarding",
     }
+    # the ranking's lower bound: each bank action's training rows and the model's noise
+    support = doc["support"]
+    assert support["pessimism"] == 2.0
+    assert support["noise_sd"] == pytest.approx(result.metrics["val_loss"] ** 0.5)
+    train_rows = result.metrics["train_rows"]
+    assert sum(map(sum, support["counts"].values())) == train_rows
+    assert all(len(support["counts"][b]) == len(bank[b]) for b in bank)
+    assert all(ns == sorted(ns, reverse=True) and min(ns) > 0 for ns in support["counts"].values())
+    model = load(art)
+    (ranked,) = model.rank_many([("trading_advanced", {"indicators": {"rsi": 25.0}}, None)])
+    for r in ranked:
+        n = support["counts"]["trading_advanced"][bank["trading_advanced"].index(r.action)]
+        assert r.lower == pytest.approx(r.score - 2.0 * support["noise_sd"] / n**0.5, abs=1e-5)
+    assert [r.lower for r in ranked] == sorted((r.lower for r in ranked), reverse=True)
     # another process reproduces the canary scores
     check = subprocess.run(
         [

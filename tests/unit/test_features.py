@@ -253,6 +253,46 @@ def test_ranking_featurizes_each_context_once_and_scores_as_the_full_rows_would(
         assert by_action[json.dumps(a, sort_keys=True)] == pytest.approx(float(score), abs=1e-6)
 
 
+def test_a_rarely_logged_action_ranks_by_its_lower_bound_and_an_unseen_one_as_logged_once():
+    import torch
+
+    from model.artifact import AgentModel, Support
+    from model.network import ModelConfig, RewardModel
+
+    fz = _small_featurizer()
+    torch.manual_seed(0)
+    net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len))
+    acts = [{"action": "buy"}, {"action": "sell"}, {"action": "hold", "size": 2}]
+    x = {"rsi": 71.0}
+    plain = AgentModel(net, fz, {"bot": acts}, {"bot": "market_data"}, {}, [], {})
+    (by_score,) = plain.rank_many([("bot", x, None)])
+    assert [r.lower for r in by_score] == [r.score for r in by_score]  # no support: score
+    top, *_, last = by_score
+    # the best-scored action was logged once, the others a thousand times: a penalty
+    # above the spread of the scores sends it to the bottom, by its lower bound
+    spread = top.score - last.score
+    counts = {json.dumps(a, sort_keys=True): 1000 for a in acts}
+    counts[json.dumps(top.action, sort_keys=True)] = 1
+    counts = [counts[json.dumps(a, sort_keys=True)] for a in acts]
+    doc = {"counts": {"bot": counts}, "pessimism": 2.0, "noise_sd": spread * 2}
+    support = Support.from_json(doc, {"bot": acts})
+    cautious = AgentModel(net, fz, {"bot": acts}, {"bot": "market_data"}, {}, [], {}, support)
+    (ranked,) = cautious.rank_many([("bot", x, None)])
+    assert ranked[-1].action == top.action and ranked[0].action != top.action
+    for r in ranked:
+        n = 1 if r.action == top.action else 1000
+        assert r.lower == pytest.approx(r.score - 4 * spread / n**0.5, rel=1e-5)
+    assert [r.score for r in ranked] != sorted((r.score for r in ranked), reverse=True)
+    # a candidate outside the bank: no rows show it, it is lowered as if logged once
+    new = {"action": "buy", "size": 7}
+    (ranked,) = cautious.rank_many([("bot", x, [new, acts[1]])])
+    (got,) = [r for r in ranked if r.action == new]
+    assert got.lower == pytest.approx(got.score - 4 * spread, rel=1e-5)
+    for bad in ({**doc, "pessimism": -1.0}, {**doc, "noise_sd": float("nan")}):
+        with pytest.raises(ValueError, match="pessimism"):
+            Support.from_json(bad, {"bot": acts})
+
+
 def test_the_quantile_is_the_training_values_piecewise_linear_cdf():
     rows = [("bot", "dt", {"x": v}, {"action": "a"}) for v in (1.0, 2.0, 4.0, 8.0, 8.0)]
     fz = Featurizer.build(rows, max_len=16, min_count=1)

@@ -123,3 +123,18 @@ def test_members_reach_the_training_command_and_fewer_than_one_is_refused(in_tmp
     monkeypatch.setenv("VALIFI_TRAIN_MEMBERS", "0")
     with pytest.raises(ValidationError, match="members"):
         Settings()
+
+
+def test_pessimism_reaches_the_training_command_and_a_negative_one_is_refused(in_tmp, monkeypatch):
+    from pydantic import ValidationError
+
+    from flows.training import train_args
+
+    assert "--pessimism" not in train_args(Settings().train)  # the model's default
+    monkeypatch.setenv("VALIFI_TRAIN_PESSIMISM", "0")
+    args = train_args(Settings().train)
+    assert args[args.index("--pessimism") + 1] == "0.0"
+    for bad in ("-1", "nan"):
+        monkeypatch.setenv("VALIFI_TRAIN_PESSIMISM", bad)
+        with pytest.raises(ValidationError, match="pessimism"):
+            Settings()

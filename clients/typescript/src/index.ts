@@ -21,6 +21,8 @@ export interface PredictRequest {
 export interface RankedAction {
   action: Record<string, unknown>;
   expected_reward: number;
+  /** what the ranking orders by: the expected reward less the action's uncertainty */
+  lower_bound: number;
 }
 
 export interface ExecutionAnswer {

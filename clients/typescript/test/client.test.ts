@@ -149,6 +149,7 @@ describe("the Valifi client against a live server", () => {
     assert.equal(a.result.candidates, "action bank");
     assert.equal(typeof a.result.action.action, "string");
     assert.equal(typeof a.result.expected_reward, "number");
+    assert.ok(a.result.lower_bound <= a.result.expected_reward);
     assert.ok(a.result.runners_up.length > 0);
   });
 
