@@ -202,22 +202,28 @@ class AgentModel:
         return err
 
 
+def action_counts(df: pd.DataFrame) -> dict[str, Counter]:
+    """Per bot, how many rows of `df` show each action (by its canonical JSON)."""
+    return {
+        str(bot): Counter(canonical_json(a) for a in group["action"])
+        for bot, group in df.groupby("bot", sort=True)
+    }
+
+
 def bank_counts(df: pd.DataFrame, bank: dict[str, list[dict]]) -> dict[str, list[int]]:
     """Per bot, how many rows of `df` show each of its bank actions (in bank order)."""
-    out = {}
-    for bot, group in df.groupby("bot", sort=True):
-        counts = Counter(canonical_json(a) for a in group["action"])
-        out[str(bot)] = [counts[canonical_json(a)] for a in bank.get(str(bot), [])]
-    return out
+    return {
+        bot: [counts[canonical_json(a)] for a in bank.get(bot, [])]
+        for bot, counts in action_counts(df).items()
+    }
 
 
 def action_bank(df: pd.DataFrame, cap: int = BANK_CAP) -> dict[str, list[dict]]:
     """Per bot, the distinct actions of the training rows, most frequent first."""
     bank = {}
-    for bot, group in df.groupby("bot", sort=True):
-        counts = Counter(canonical_json(a) for a in group["action"])
+    for bot, counts in action_counts(df).items():
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:cap]
-        bank[str(bot)] = [json.loads(k) for k, _ in ordered]
+        bank[bot] = [json.loads(k) for k, _ in ordered]
     return bank
 
 
