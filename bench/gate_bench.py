@@ -1,6 +1,7 @@
 """The promotion gate against the truth: pairs whose true policy values are known.
 
     python bench/gate_bench.py [--rows 4000] [--n 6] [--jobs 2] [--margin 0.1] [--drift]
+                               [--nights N]
 
 On the synthetic world (true rewards known), one snapshot and a champion trained
 on it (seed 0), then challengers, each judged by the gate against its champion on
@@ -19,6 +20,12 @@ alone (`value_check=false`) and as shipped (error, then the doubly-robust value
 when well conditioned: non-inferiority, or no shown loss when the interval is wider
 than the margin). Prints every pair, then how often each gate promoted a truly
 worse policy (target 0) and rejected a truly better one (target at most 10%).
+
+With `--nights N`, the lucky champion: of the champion and its retrains, the one
+whose decisions are truly best keeps `Production`, and on each of N later nights a
+retrain on that night's fresh log (same recipe, another seed) is judged against it on
+that night's holdout. Prints each night's verdict and truth, and the longest run of
+nights on which a retrain that was not truly worse was rejected.
 """
 
 from __future__ import annotations
@@ -78,6 +85,51 @@ def true_value(model, holdout, world) -> float:
     )
 
 
+def nights(args, root: Path, lucky: str, champion, threads: int) -> None:
+    """Retrains on N fresh nightly logs judged against the lucky champion."""
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    snaps = [
+        synthetic_snapshot(
+            root / f"night-{k}", args.rows, seed=200 + k, end=start + timedelta(days=k)
+        )
+        for k in range(1, args.nights + 1)
+    ]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        outs = list(
+            pool.map(
+                lambda k: train(snaps[k - 1], root / f"retrain-night-{k}", k, [], threads),
+                range(1, args.nights + 1),
+            )
+        )
+    world = synthetic_world(None)
+    print(f"\nlucky champion: {lucky}; each night a retrain on that night's log is judged")
+    print("| night | true value diff | truth | gate | MSE upper bound / margin | DR test |")
+    print("|---|---|---|---|---|---|")
+    streak = longest = 0
+    for k, (snap, out) in enumerate(zip(snaps, outs, strict=True), start=1):
+        cfg = TrainResult.read(out).train_config
+        train_df, _, holdout = temporal_split(
+            read_snapshot(snap), cfg["val_fraction"], cfg["holdout_fraction"]
+        )
+        new = load(out / "artifact")
+        d = compare(GateSpec(margin=args.margin), new, champion, train_df, holdout, "lucky")
+        diff = true_value(new, holdout, world) - true_value(champion, holdout, world)
+        truth = "better" if diff > args.tol else "worse" if diff < -args.tol else "same"
+        blocked = not d.passed and truth != "worse"
+        streak = streak + 1 if blocked else 0
+        longest = max(longest, streak)
+        m = d.mse_diff or {}
+        v = d.value or {}
+        print(
+            f"| {k} | {diff:+.4f} | {truth} | {'promote' if d.passed else 'reject'} | "
+            f"{m.get('high', float('nan')):+.4f} / {m.get('margin', float('nan')):+.4f} | "
+            f"{v.get('test') if v.get('checked') else 'not applied'} |"
+        )
+    print(f"longest run of nights a retrain not truly worse was kept out: {longest}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=4000)
@@ -86,6 +138,7 @@ def main() -> int:
     p.add_argument("--tol", type=float, default=0.005, help="true value difference that counts")
     p.add_argument("--margin", type=float, default=GateSpec().margin)
     p.add_argument("--drift", action="store_true", help="also the retrain after a drift")
+    p.add_argument("--nights", type=int, default=0, help="nights judged against the lucky one")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="valifi-gate-bench-"))
     snap = synthetic_snapshot(root / "snap", args.rows, seed=0)
@@ -163,6 +216,10 @@ def main() -> int:
             f"{r['champion_after']:.4f} after; the retrain earns {r['challenger_after']:.4f}: "
             f"{r['recovered']:.0%} of the loss recovered"
         )
+    if args.nights:
+        same = ["champion", *(f"retrain-{i}" for i in range(1, args.n + 1))]
+        lucky = max(same, key=lambda name: values[name])
+        nights(args, root, lucky, models[lucky], threads)
     print("\n| gate | truly worse promoted | truly better rejected | same promoted |")
     print("|---|---|---|---|")
     for g in gates:

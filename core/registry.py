@@ -163,6 +163,16 @@ class Registry:
             key=lambda v: int(v.version),
         )
 
+    def rejected_in_a_row(self) -> list[str]:
+        """The newest versions, oldest first, that the gate rejected one after another."""
+        found = self.client.search_model_versions(f"name='{self.name}'")
+        out = []
+        for mv in sorted(found, key=lambda m: -int(m.version)):
+            if (mv.tags or {}).get("gate_decision") != "reject":
+                break
+            out.append(str(mv.version))
+        return out[::-1]
+
     def download(self, version: Version, cache: Path) -> Path:
         """The version's agent artifact, downloaded once into `cache/<version>-<run id>`.
 

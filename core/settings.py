@@ -64,7 +64,12 @@ class ValidationSpec(BaseModel):
     # The share of rows of any one bot, or any one data type, may move by at most this
     # much (absolute, 0..1) from the previous snapshot that passed validation: a bot
     # whose logging stopped, or one flooding the table, fails the run. 1.0 turns it off.
+    # A real change is accepted once: `valifi validate SNAPSHOT --accept --reason ...`.
     max_share_change: float = 0.25
+    # When the shares alone fail, a run waits this long for someone to accept the new
+    # mix in the Prefect UI (resume the paused run with accept and a reason) before it
+    # fails; 0: it fails at once (the run holds the one-at-a-time lock while it waits).
+    approval_wait_s: float = Field(0.0, ge=0)
 
 
 class GateSpec(BaseModel):

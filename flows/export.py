@@ -15,7 +15,8 @@ complete: a failed export leaves nothing behind.
                           the size limit, NULL); its row stays in data.parquet with
                           its *_ok flag false, and validation judges the share
       manifest.json       counts, window and what it held, watermark, layout, query,
-                          sha256 of data.parquet, quarantined payloads by reason
+                          sha256 of data.parquet, quarantined payloads by reason, and
+                          the source (cluster, database, schema, table, columns)
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.settings import ExportSpec
-from flows.source import detect, export_query, parsed_by_server, window_count_query
+from flows.source import (
+    detect,
+    export_query,
+    identity,
+    parsed_by_server,
+    source_id,
+    window_count_query,
+)
 
 MANIFEST = "manifest.json"
 DATA = "data.parquet"
@@ -103,6 +111,10 @@ class Manifest:
     # payloads that cannot be used, by column and reason (each row listed in QUARANTINE)
     quarantined: dict[str, int] = field(default_factory=dict)
     trainable_rows: int = 0  # scored, input and action readable: what min_rows counts
+    # where the rows came from (flows.source.identity) and its short name: validation
+    # compares shares only with snapshots of the same source
+    source: dict = field(default_factory=dict)
+    source_id: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -295,6 +307,7 @@ def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
         cur.execute("SHOW TimeZone")
         naive_tz = spec.naive_timezone or cur.fetchone()[0]
         src = detect(cur, spec.table, spec.columns)
+        source = identity(cur, src)
         version = conn.info.server_version
         params = {"since": since, "until": until, "naive_tz": naive_tz, "limit": spec.limit}
         query = export_query(src, version).as_string(conn)
@@ -316,6 +329,7 @@ def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
     with open(folder / DATA, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     manifest = _manifest(src, spec, query, sink, since, until, window_rows, naive_tz, sha256)
+    manifest.source, manifest.source_id = source, source_id(source)
     (folder / MANIFEST).write_text(manifest.to_json())
     return manifest
 

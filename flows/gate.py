@@ -49,6 +49,11 @@ class GateDecision:
     # "test": "non-inferiority" (lower bound above -margin) or "no shown loss" (upper
     # bound above -margin: the interval is too wide to show more), "note": str}
     value: dict | None = None
+    # holdout rows the champion cannot rank, judged by the challenger alone: {"rows",
+    # "bots": {bot: rows} the champion does not know, "new_actions": rows whose logged
+    # action only the challenger knows, "unranked": rows of bots neither knows, "mse",
+    # "value": the challenger's off-policy estimates on them}; None: every row compared
+    apart: dict | None = None
 
     def summary(self) -> str:
         verdict = "pass" if self.passed else "reject"
@@ -132,25 +137,38 @@ def decide(
     sq_err_old: np.ndarray | None = None,
     champion_version: str | None = None,
     value: dict | None = None,
+    apart: dict | None = None,
+    alone: str = "no champion: judged on floors alone",
 ) -> GateDecision:
     """Judge a challenger's holdout metrics (and per-row squared errors) against the spec;
-    `value` (from `value_evidence`) adds the off-policy criterion."""
+    `value` (from `value_evidence`) adds the off-policy criterion. The champion's errors
+    pair with the challenger's on the rows both can rank; `apart` reports the others.
+    Without a champion's errors the floors decide, for the reason `alone`."""
     new = np.asarray(sq_err_new, float)
     old = None if champion is None or sq_err_old is None else np.asarray(sq_err_old, float)
     out = GateDecision(
-        False, [], challenger, champion, champion_version, rule=rule_text(spec), value=value
+        False,
+        [],
+        challenger,
+        champion,
+        champion_version,
+        rule=rule_text(spec),
+        value=value,
+        apart=apart,
     )
     if why := _unusable(spec, challenger, new, old):
         out.reasons.append(f"cannot decide: {why}")
         return out
     failed, out.floors = _floors(spec, challenger)
     if failed:
-        out.reasons += failed
+        out.reasons += failed + ([alone] if old is None else [])
         return out
     out.reasons.append(f"floors met (AUC {challenger['auc']:.3f}, RMSE {challenger['rmse']:.4f})")
+    if apart:
+        out.reasons.append(apart_text(apart))
     if old is None:
         out.passed = True
-        out.reasons.append("no champion: judged on floors alone")
+        out.reasons.append(alone)
         return out
     mean, lo, hi = paired_bootstrap_ci(new, old, spec.bootstrap, 1 - spec.confidence)
     champ_mse = float(old.mean())
@@ -173,6 +191,25 @@ def decide(
     if out.passed and value is not None and value.get("checked"):
         out.passed = _value_criterion(spec, value, vs, out.reasons)
     return out
+
+
+def apart_text(apart: dict) -> str:
+    """The rows judged apart, in a sentence."""
+    parts = [f"{b} ({n})" for b, n in apart["bots"].items()]
+    if apart["new_actions"]:
+        parts.append(f"{apart['new_actions']} rows with actions new to it")
+    text = f"{apart['rows']} holdout rows judged by the challenger alone"
+    if parts:
+        text += " (the champion does not know " + ", ".join(parts) + ")"
+    if apart["rows"]:
+        text += f": MSE {apart['mse']:.4f}"
+        if (v := apart.get("value")) and all(_finite(x) for x in (v["dr"], *v["dr_ci"])):
+            text += (
+                f", doubly-robust value {v['dr']:+.4f} [{v['dr_ci'][0]:+.4f}, {v['dr_ci'][1]:+.4f}]"
+            )
+    if apart.get("unranked"):
+        text += f"; {apart['unranked']} rows of bots neither model knows are left out"
+    return text
 
 
 def _value_criterion(spec: GateSpec, value: dict, vs: str, reasons: list[str]) -> bool:

@@ -3,7 +3,9 @@
 The flow only calls tasks, and tasks only call the modules that do the work
 (`flows.export`, `flows.validate`, `flows.training`, `flows.gate`, `flows.watch`,
 `core.registry`). Tasks that touch the network or the database retry with backoff
-(delays from settings); errors another try cannot fix fail at once. Every run ends
+(delays from settings), and only on an I/O error (the database, the registry or the
+network failed: `retry_on_io`); an error in our own code or data fails at once with
+its traceback. Every run ends
 in a clear state: Completed (promoted vN), Rejected (by the gate, or because
 `Production` moved while it ran), Skipped (too little data, or superseded),
 RolledBack, or Failed with the reason.
@@ -17,57 +19,90 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
 from prefect.states import Completed
 
-from core.registry import AliasMoved, Registry, RegistryError, git_commit
+from core.registry import AliasMoved, Registry, git_commit
 from core.settings import ExportSpec, GateSpec, Settings, ValidationSpec, WatchSpec
 from flows.export import InsufficientData, Manifest, export_snapshot
 from flows.source import SourceError
 from flows.summary import render
-from flows.training import TrainingFailed, judge, launch, train_args
-from flows.validate import ValidationFailed, validate_snapshot
+from flows.training import judge, launch, train_args
+from flows.validate import ValidationFailed, accept, accept_hint, validate_snapshot
 from flows.watch import watch_and_rollback
 from model.result import TrainResult
 
 LOCK = "valifi-train"  # the global concurrency limit every train run holds
 
-# Errors that another try cannot fix: the run fails at once with the reason.
-PERMANENT = (
-    InsufficientData,
-    SourceError,
-    ValueError,
-    ValidationFailed,
-    TrainingFailed,
-    AliasMoved,
-    RegistryError,
-)
+# MLflow error codes of a registry that is down, overloaded or unreachable (its
+# client reports a refused connection or a timeout as INTERNAL_ERROR)
+TRANSIENT_MLFLOW = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 
 
-def _retry_unless_permanent(task, task_run, state) -> bool:
+def is_io_error(exc: BaseException | None) -> bool:
+    """Whether another try may succeed: the database, the registry or the network
+    failed (directly or as the cause of the error raised)."""
+    import adbc_driver_manager
+    import httpx
+    import psycopg
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    io = (
+        ExportError,
+        ConnectionError,
+        TimeoutError,
+        socket.gaierror,
+        requests.RequestException,
+        httpx.TransportError,
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        adbc_driver_manager.OperationalError,
+    )
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, io):
+            return True
+        if isinstance(exc, MlflowException):
+            return exc.error_code in TRANSIENT_MLFLOW
+        exc = exc.__cause__
+    return False
+
+
+def io_retries(settings: Settings) -> dict:
+    """Task options of the I/O tasks: a retry after each of the settings' delays."""
+    delays = settings.retry_delays_s
+    return {"retries": len(delays), "retry_delay_seconds": delays}
+
+
+def retry_on_io(task, task_run, state) -> bool:
+    """Prefect's retry condition for the I/O tasks: retry I/O errors only."""
     try:
         state.result()
-    except PERMANENT:
-        return False
-    except Exception:
-        return True
-    return True
+    except Exception as exc:
+        return is_io_error(exc)
+    return False
 
 
 class ExportError(RuntimeError):
-    """The database could not be read; the message says which and why."""
+    """The database could not be reached or read; the message says why."""
 
 
 class RunLockTimeout(RuntimeError):
     """Another train run held the lock for longer than this run would wait."""
 
 
-@task(name="export", retry_condition_fn=_retry_unless_permanent)
+@task(name="export", retry_condition_fn=retry_on_io)
 def export_task(url: str, spec: ExportSpec, out_root: Path) -> str:
     """Snapshot the table; InsufficientData (not retried) when there are too few rows."""
     import adbc_driver_manager
@@ -78,8 +113,14 @@ def export_task(url: str, spec: ExportSpec, out_root: Path) -> str:
     except InsufficientData as exc:
         get_run_logger().warning("%s", exc)
         raise
-    except (psycopg.Error, adbc_driver_manager.Error) as exc:
+    except (
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        adbc_driver_manager.OperationalError,
+    ) as exc:
         raise ExportError(f"export from table {spec.table!r} failed: {exc}".strip()) from exc
+    except (psycopg.Error, adbc_driver_manager.Error) as exc:  # the query itself: no retry
+        raise SourceError(f"export from table {spec.table!r} failed: {exc}".strip()) from exc
     m = Manifest.read(snap)
     log = get_run_logger()
     log.info(
@@ -106,14 +147,62 @@ def validate_task(snapshot: str, spec: ValidationSpec, min_rows: int) -> str:
     if not result.success:
         raise ValidationFailed(result)
     get_run_logger().info(
-        "validation passed: %d expectations; docs %s", result.evaluated, result.docs
+        "validation passed: %d expectations; %s; docs %s",
+        result.evaluated,
+        result.compared(),
+        result.docs,
     )
-    compared = (
-        f"shares compared with {result.reference}"
-        if result.reference
-        else "no earlier snapshot to compare shares with"
+    return f"passed ({result.evaluated} checks; {result.compared()}); Data Docs: `{result.docs}`"
+
+
+def validate_or_ask(snapshot: str, spec: ValidationSpec, min_rows: int) -> str:
+    """The validation task; when it fails on the shares alone and `approval_wait_s` is
+    set, the run waits for the new mix to be accepted in the Prefect UI."""
+    try:
+        return validate_task(snapshot, spec, min_rows)
+    except ValidationFailed as exc:
+        if not (exc.result.acceptable and spec.approval_wait_s > 0):
+            raise
+        return ask_to_accept(exc, spec.approval_wait_s)
+
+
+class AcceptNewMix(RunInput):
+    """The Prefect UI's form when a run waits for the new mix of bots to be accepted."""
+
+    accept: bool = False
+    reason: str = ""
+    by: str = ""
+
+
+def ask_to_accept(failed: ValidationFailed, wait_s: float) -> str:
+    """Pause the run until someone accepts the new mix in the Prefect UI (with a reason)
+    or `wait_s` passes; an acceptance is recorded as `valifi validate --accept` records
+    it. Raises the validation failure when nobody accepts in time."""
+    result = failed.result
+    log = get_run_logger()
+    log.warning(
+        "validation failed on the shares alone; this run waits %g s for the new mix to "
+        "be accepted (Prefect UI: resume the run, tick accept, give a reason), or: %s",
+        wait_s,
+        accept_hint(result.snapshot),
     )
-    return f"passed ({result.evaluated} checks; {compared}); Data Docs: `{result.docs}`"
+    wait = max(1, round(wait_s))
+    try:
+        answer = pause_flow_run(
+            wait_for_input=AcceptNewMix, timeout=wait, poll_interval=max(1, min(10, wait // 4))
+        )
+    except FlowPauseTimeout:
+        _resume_to_fail()
+        raise ValidationFailed(result, f"Nobody accepted the new mix within {wait} s.") from None
+    if not (answer.accept and answer.reason.strip()):
+        raise ValidationFailed(result, "The new mix was not accepted (accept and a reason).")
+    by = answer.by.strip() or f"Prefect UI ({_flow_run_name()})"
+    record = accept(Path(result.snapshot), answer.reason, by)
+    log.info("new mix accepted by %s: %s", record["by"], record["reason"])
+    return (
+        f"failed on the shares alone; the new mix was accepted by {record['by']} at "
+        f"{record['at']}: {record['reason']}; Data Docs: `{result.docs}`"
+    )
 
 
 @task(name="train")
@@ -124,7 +213,7 @@ def train_task(snapshot: str, out: Path, args: list[str], timeout_s: float) -> T
     return result
 
 
-@task(name="evaluate", retry_condition_fn=_retry_unless_permanent)
+@task(name="evaluate", retry_condition_fn=retry_on_io)
 def evaluate_task(
     registry: Registry, result: TrainResult, snapshot: str, spec: GateSpec, cache: Path
 ) -> dict:
@@ -133,7 +222,7 @@ def evaluate_task(
     return decision.to_dict()
 
 
-@task(name="register", retry_condition_fn=_retry_unless_permanent)
+@task(name="register", retry_condition_fn=retry_on_io)
 def register_task(
     registry: Registry, result: TrainResult, snapshot: str, gate: dict, run_key: str
 ) -> dict:
@@ -167,7 +256,7 @@ def load_check_task(registry: Registry, version: str) -> str:
     return registry.load_check(version)
 
 
-@task(name="promote", retry_condition_fn=_retry_unless_permanent)
+@task(name="promote", retry_condition_fn=retry_on_io)
 def promote_task(
     registry: Registry, version: str, expected: str | None, reason: str, move_id: str
 ) -> dict:
@@ -240,6 +329,32 @@ async def _newer_runs(deployment_id, after: datetime, before: datetime, me) -> l
         and r.expected_start_time > after
         and r.auto_scheduled
     ]
+
+
+def override_hint(rejected: list[str], gate: dict, version: str) -> str:
+    """How many runs in a row the gate rejected, and the audited way to promote anyway."""
+    champion = f"v{gate['champion_version']}" if gate.get("champion_version") else "Production"
+    n = len(rejected)
+    lead = (
+        f"The gate has rejected {n} runs in a row against {champion} (v{', v'.join(rejected)})"
+        if n > 1
+        else f"The first rejection against {champion}"
+    )
+    return (
+        f"{lead}. To promote v{version} anyway (load-checked, audited): "
+        f'valifi promote {version} --reason "<why>"'
+    )
+
+
+def _resume_to_fail() -> None:
+    """Move this timed-out paused run back to Running, so that it fails with its own
+    reason (the server would replace the reason of a paused run's failure with its own)."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Running(), force=True)
 
 
 def _flow_run_name() -> str:
@@ -329,8 +444,7 @@ def _train(settings: Settings, export: ExportSpec, summary: dict, overrides: tup
         return Completed(
             name="Skipped", message=f"skipped: superseded by the newer scheduled run {newer}"
         )
-    delays = settings.retry_delays_s
-    retrying = {"retries": len(delays), "retry_delay_seconds": delays}
+    retrying = io_retries(settings)
     try:
         snapshot = export_task.with_options(**retrying)(
             settings.database_url, export, settings.snapshots_dir
@@ -339,7 +453,7 @@ def _train(settings: Settings, export: ExportSpec, summary: dict, overrides: tup
         return Completed(name="Skipped", message=f"skipped: {exc}")
     summary["snapshot"] = asdict(Manifest.read(Path(snapshot)))
     summary["validation"] = "failed (see the error)"
-    summary["validation"] = validate_task(snapshot, settings.validation, export.min_rows)
+    summary["validation"] = validate_or_ask(snapshot, settings.validation, export.min_rows)
     out = settings.runs_dir / f"{Path(snapshot).name}-{uuid.uuid4().hex[:8]}"
     result = train_task(
         snapshot, out, train_args(settings.train, *overrides), settings.train.timeout_s
@@ -355,10 +469,12 @@ def _train(settings: Settings, export: ExportSpec, summary: dict, overrides: tup
     summary["registry"] = reg
     version = reg["version"]
     if not gate["passed"]:
+        summary["override"] = override_hint(registry.rejected_in_a_row(), gate, version)
         return Completed(
             name="Rejected",
             message=f"rejected by the gate (v{version} registered, not promoted): "
-            + "; ".join(gate["reasons"]),
+            + "; ".join(gate["reasons"])
+            + f". {summary['override']}",
         )
     load_check_task(registry, version)
     try:

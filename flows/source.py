@@ -9,8 +9,11 @@ always quoted as identifiers and values always bound as parameters.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
+import psycopg
 from psycopg import sql
 
 # role -> column names tried in order
@@ -23,7 +26,6 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "reward": ("reward",),
     "created_at": ("created_at", "createdAt"),
 }
-REQUIRED = tuple(CANDIDATES)
 
 
 class SourceError(ValueError):
@@ -113,6 +115,36 @@ def detect(cur, table: str, mapping: dict[str, str] | None = None) -> Source:
         bots_table=ref[0] if ref else None,
         bots_key=ref[1] if ref else None,
     )
+
+
+def identity(cur, src: Source) -> dict[str, object]:
+    """What identifies where a snapshot's rows came from: the PostgreSQL cluster (its
+    system identifier, which every host name and replica of it shares; the server's
+    address where that cannot be read), the database, the schema, the table and the
+    roles of its columns. Snapshots of one source are compared only with each other."""
+    cur.execute("SELECT current_database(), current_schema()")
+    database, schema = cur.fetchone()
+    try:
+        with cur.connection.transaction():  # a savepoint: a refusal leaves the rest usable
+            cur.execute("SELECT system_identifier::text FROM pg_control_system()")
+            cluster = f"system {cur.fetchone()[0]}"
+    except psycopg.Error:  # some managed services revoke it
+        info = cur.connection.info
+        cluster = f"server {info.host}:{info.port}"
+    return {
+        "cluster": cluster,
+        "database": database,
+        "schema": schema,
+        "table": src.table,
+        "layout": src.layout,
+        "columns": dict(sorted(src.columns.items())),
+    }
+
+
+def source_id(source: dict[str, object]) -> str:
+    """A short stable name of a source (from `identity`)."""
+    text = json.dumps(source, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def parsed_by_server(src: Source, role: str, server_version: int) -> bool:

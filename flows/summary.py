@@ -32,6 +32,7 @@ def _gate(gate: dict) -> list[str]:
             f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}]; margin {d['margin']:+.4f} |"
         )
     out += _value_rows(gate.get("value"))
+    out += _apart_rows(gate.get("apart"))
     out += [
         "",
         "**" + ("pass" if gate["passed"] else "reject") + "**: " + "; ".join(gate["reasons"]),
@@ -75,6 +76,36 @@ def _value_rows(value: dict | None) -> list[str]:
     return out
 
 
+def _apart_rows(apart: dict | None) -> list[str]:
+    """The holdout rows judged by the challenger alone, in the gate table."""
+    if not apart:
+        return []
+    bots = ", ".join(f"{b} {n}" for b, n in apart["bots"].items()) or "—"
+    out = [
+        f"| rows judged by the challenger alone (bots the champion does not know: {bots}; "
+        f"actions new to it: {apart['new_actions']}) | {apart['rows']} | — |"
+    ]
+    if apart["rows"]:
+        out.append(f"| MSE on those rows | {_fmt(apart['mse'])} | — |")
+        out.append(
+            f"| policy value on those rows, doubly robust | "
+            f"{_estimate(apart.get('value'), 'dr')} | — |"
+        )
+    if apart.get("unranked"):
+        out.append(f"| rows of bots neither model knows (left out) | {apart['unranked']} | — |")
+    return out
+
+
+def _source(snap: dict) -> object:
+    src = snap.get("source")
+    if not src:
+        return snap.get("layout")
+    return (
+        f"{src['database']}.{src['schema']}.{src['table']} on {src['cluster']} "
+        f"(layout {src['layout']}; id `{snap.get('source_id')}`)"
+    )
+
+
 def _window_rows(snap: dict) -> object:
     held = snap.get("window_rows")
     if held is None or not snap.get("limit_cut"):
@@ -103,7 +134,7 @@ def render(s: dict) -> str:
                     ("payloads set aside", _aside(snap.get("quarantined"))),
                     ("window", f"{snap['window']['since']} → {snap['window']['until']}"),
                     ("newest row", snap.get("watermark")),
-                    ("source layout", snap.get("layout")),
+                    ("source", _source(snap)),
                     ("sha256", f"`{snap.get('sha256')}`"),
                 ]
             ),
@@ -135,6 +166,8 @@ def render(s: dict) -> str:
         ]
     if gate := s.get("gate"):
         out += _gate(gate)
+    if override := s.get("override"):
+        out += [override, ""]
     if reg := s.get("registry"):
         out += [
             "## Registry",

@@ -13,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from core.processes import stop_group
-from core.registry import Registry
+from core.registry import Registry, RegistryError
 from core.settings import GateSpec, TrainSpec
 from flows.gate import GateDecision, decide, value_evidence
 from model.result import TrainResult
@@ -142,8 +144,12 @@ def judge(
     registry: Registry, result: TrainResult, snapshot: Path, spec: GateSpec, cache: Path
 ) -> GateDecision:
     """Score the challenger and the current champion on the same holdout; estimate
-    the value of each one's decisions off-policy; apply the gate."""
-    from model.artifact import load
+    the value of each one's decisions off-policy; apply the gate.
+
+    A champion whose artifact cannot be loaded (corrupt, or without its files) serves
+    nobody: the challenger is then judged on the floors alone, and the reason says so.
+    """
+    from model.artifact import ArtifactError, load
     from model.module import read_snapshot, temporal_split
 
     cfg = result.train_config
@@ -153,13 +159,31 @@ def judge(
     old = registry.champion()
     if old is None:
         return compare(spec, challenger, None, train_df, holdout)
-    champ = load(registry.download(old, cache))
+    try:
+        champ = load(registry.download(old, cache))
+    except (ArtifactError, RegistryError) as exc:
+        alone = f"v{old.version} cannot be loaded ({exc}): judged on floors alone"
+        return compare(spec, challenger, None, train_df, holdout, old.version, alone)
     return compare(spec, challenger, champ, train_df, holdout, old.version)
 
 
-def compare(spec: GateSpec, challenger, champion, train_df, holdout, version=None) -> GateDecision:
+def compare(
+    spec: GateSpec,
+    challenger,
+    champion,
+    train_df,
+    holdout,
+    version=None,
+    alone: str = "no champion: judged on floors alone",
+) -> GateDecision:
     """The gate on loaded models: metrics, paired errors and off-policy values on
-    `holdout`, with the behaviour policy estimated from `train_df`."""
+    `holdout`, with the behaviour policy estimated from `train_df`.
+
+    The two models are compared on the rows both can rank. Rows of a bot the champion
+    does not know, or whose logged action only the challenger knows, are judged by the
+    challenger alone and reported apart; with fewer than `min_holdout_rows` rows in
+    common the challenger is judged on the floors alone, as a first model is.
+    """
     from model.evaluation import evaluate, per_row
     from model.offpolicy import Behaviour
 
@@ -174,28 +198,80 @@ def compare(spec: GateSpec, challenger, champion, train_df, holdout, version=Non
     new_metrics = evaluate(challenger, holdout, train_mean)
     if champion is None:
         value = value_evidence(spec, new_rows, None, reward)
-        return decide(spec, new_metrics, new_pr["sq_err"], value=value)
+        return decide(spec, new_metrics, new_pr["sq_err"], None, None, version, value, alone=alone)
+    both, apart = _rows_apart(spec, challenger, champion, holdout, new_pr["sq_err"], new_rows)
+    if both.sum() < spec.min_holdout_rows:
+        value = value_evidence(spec, new_rows, None, reward)
+        alone = (
+            f"v{version} can rank only {int(both.sum())} of the {len(holdout)} holdout rows "
+            f"(fewer than {spec.min_holdout_rows}): judged on floors alone"
+        )
+        return decide(spec, new_metrics, new_pr["sq_err"], None, None, version, value, apart, alone)
+    common = holdout[both]
     # one reward model for both policies' direct and doubly-robust terms: the
     # challenger's, trained on the newest rows
-    old_rows = _policy_rows(champion, challenger, holdout, new_pr["pred"], propensity)
+    old_rows = _policy_rows(champion, challenger, common, new_pr["pred"][both], propensity[both])
     return decide(
         spec,
         new_metrics,
-        new_pr["sq_err"],
-        evaluate(champion, holdout, train_mean),
-        per_row(champion, holdout)["sq_err"],
+        new_pr["sq_err"][both],
+        evaluate(champion, common, train_mean),
+        per_row(champion, common)["sq_err"],
         version,
-        value_evidence(spec, new_rows, old_rows, reward),
+        value_evidence(spec, new_rows.subset(both), old_rows, reward[both]),
+        apart,
     )
+
+
+def _rows_apart(spec: GateSpec, challenger, champion, holdout, sq_err, rows):
+    """(mask of the rows both models can rank, report of the others or None).
+
+    The champion cannot rank a row of a bot it does not know, nor judge a logged action
+    that the challenger knows and it does not; the challenger cannot rank a bot that
+    only the newest rows show (it is in neither model).
+    """
+    from model.offpolicy import estimates
+
+    bots, actions = list(holdout["bot"]), list(holdout["action"])
+    new_knows = np.array([challenger.knows(b) for b in bots], bool)
+    old_knows = np.array(
+        [
+            champion.knows(b) and (champion.knows_action(b, a) or not challenger.knows_action(b, a))
+            for b, a in zip(bots, actions, strict=True)
+        ],
+        bool,
+    )
+    both = new_knows & old_knows
+    alone = new_knows & ~old_knows
+    if both.all():
+        return both, None
+    new_bots = sorted({b for b, k in zip(bots, alone, strict=True) if k and not champion.knows(b)})
+    report = {
+        "rows": int(alone.sum()),
+        "bots": {b: int(sum(x == b for x in np.asarray(bots)[alone])) for b in new_bots},
+        "new_actions": int(sum(alone & np.array([champion.knows(b) for b in bots], bool))),
+        "unranked": int((~new_knows).sum()),  # bots no model knows: judged by neither
+        "mse": float(np.mean(sq_err[alone])) if alone.any() else None,
+        "value": None,
+    }
+    if alone.any():
+        report["value"] = estimates(
+            rows.subset(alone),
+            n_boot=spec.ope_bootstrap,
+            alpha=1 - spec.confidence,
+            min_ess=spec.ope_min_ess,
+        )
+    return both, report
 
 
 def _policy_rows(policy, critic, holdout, q_logged, propensity):
-    """Per-row off-policy pieces of `policy`'s choices, valued by `critic`."""
+    """Per-row off-policy pieces of `policy`'s choices, valued by `critic`; where the
+    policy knows no action (a bot it has never seen) the logged decision stands."""
     from model.offpolicy import PolicyRows
 
     bots, inputs, types = list(holdout["bot"]), list(holdout["input"]), list(holdout["data_type"])
+    logged = list(holdout["action"])
     chosen = policy.choose(bots, inputs, types)
-    q_chosen = critic.score(list(zip(bots, types, inputs, chosen, strict=True)))
-    return PolicyRows.build(
-        q_chosen, q_logged, chosen, list(holdout["action"]), propensity, holdout["reward"]
-    )
+    scored = [a if c is None else c for c, a in zip(chosen, logged, strict=True)]
+    q_chosen = critic.score(list(zip(bots, types, inputs, scored, strict=True)))
+    return PolicyRows.build(q_chosen, q_logged, chosen, logged, propensity, holdout["reward"])

@@ -4,10 +4,17 @@ The suite checks what training relies on: the columns and their types, bot and
 data type present, rewards inside their bounds, data types from the allowed set,
 timestamps inside the export window, unique ids, few unscored rows and few
 unparseable payloads (inputs and actions), and enough rows. Beyond the suite, the
-share of rows of each bot and each data type is compared with the previous snapshot
-beside this one that passed: a share that moved more than `max_share_change` fails.
-The Data Docs HTML is written beside the snapshot (`SNAPSHOT/validation/`), with a
-`validation.json` summary.
+share of rows of each bot and each data type is compared with the reference: the
+newest earlier snapshot beside this one, of the same source (cluster, database,
+table, layout), that passed or whose new mix an operator accepted. A share that moved
+more than `max_share_change` fails; the first snapshot of a source is judged on the
+other expectations alone. The Data Docs HTML is written beside the snapshot
+(`SNAPSHOT/validation/`), with a `validation.json` summary.
+
+A real change (a bot went live or was retired) is accepted once, with a reason:
+`accept()` (the command `valifi validate SNAPSHOT --accept --reason ...`) records who,
+when and why in `SNAPSHOT/acceptance.json`, and that snapshot becomes the reference
+of the next run. Only share failures can be accepted.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from flows.export import DATA, Manifest
 
 REPORT = "validation"
 SUMMARY = "validation.json"
+ACCEPTANCE = "acceptance.json"
 EXPECTED_COLUMNS = [
     "id",
     "bot_id",
@@ -48,6 +56,7 @@ class Failure:
     column: str | None
     observed: object
     details: str
+    acceptable: bool = False  # a change in the mix that an operator may accept as real
 
     def line(self) -> str:
         where = f" on {self.column}" if self.column else ""
@@ -61,16 +70,49 @@ class ValidationResult:
     failures: list[Failure]
     docs: str | None
     reference: str | None = None  # the earlier snapshot the shares were compared with
+    snapshot: str | None = None
+    # the reference's acceptance record, when an operator accepted its mix
+    reference_acceptance: dict | None = None
+    source_id: str | None = None
+
+    @property
+    def acceptable(self) -> bool:
+        """Failed on the shares alone: an operator may accept the new mix."""
+        return bool(self.failures) and all(f.acceptable for f in self.failures)
 
     def reason(self) -> str:
         lines = [f"{len(self.failures)} of {self.evaluated} expectations failed:"]
-        return "\n".join(lines + [f"- {f.line()}" for f in self.failures])
+        lines += [f"- {f.line()}" for f in self.failures]
+        if self.acceptable:
+            lines.append(accept_hint(self.snapshot or "SNAPSHOT"))
+        return "\n".join(lines)
+
+    def compared(self) -> str:
+        """How the shares were judged, in a phrase."""
+        if self.reference is None:
+            return "first snapshot of this source: shares not compared"
+        text = f"shares compared with {self.reference}"
+        if a := self.reference_acceptance:
+            text += f" (its new mix accepted by {a['by']} at {a['at']}: {a['reason']})"
+        return text
+
+
+def accept_hint(snapshot: str) -> str:
+    return (
+        "If this change is real (a bot went live or was retired), accept it and the next "
+        f"run compares with this snapshot: valifi validate {snapshot} --accept "
+        '--reason "<why>"'
+    )
 
 
 class ValidationFailed(RuntimeError):
-    def __init__(self, result: ValidationResult):
-        super().__init__(result.reason())
+    def __init__(self, result: ValidationResult, note: str = ""):
+        super().__init__(result.reason() + (f"\n{note}" if note else ""))
         self.result = result
+
+
+class AcceptError(ValueError):
+    """The snapshot's validation cannot be accepted; the message says why."""
 
 
 def _suite(spec: ValidationSpec, window: dict[str, str], min_rows: int):
@@ -102,21 +144,64 @@ def _suite(spec: ValidationSpec, window: dict[str, str], min_rows: int):
     ]
 
 
-def previous_passed(snapshot: Path) -> Path | None:
-    """The newest snapshot beside this one, exported before it, whose validation passed."""
-    before = Manifest.read(snapshot).exported_at
+def acceptance(snapshot: Path) -> dict | None:
+    """The operator's acceptance of a snapshot's new mix, if recorded."""
+    try:
+        return json.loads((Path(snapshot) / ACCEPTANCE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def reference_snapshot(snapshot: Path) -> Path | None:
+    """The newest snapshot beside this one, of the same source and exported before it,
+    whose validation passed or whose mix was accepted."""
+    me = Manifest.read(snapshot)
+    if not me.source_id:
+        return None
     found: list[tuple[str, Path]] = []
     for p in snapshot.parent.iterdir():
         if p == snapshot or p.name.startswith(".") or not p.is_dir():
             continue
         try:
             passed = json.loads((p / SUMMARY).read_text()).get("success")
-            exported = Manifest.read(p).exported_at
+            m = Manifest.read(p)
         except (OSError, ValueError, TypeError):
             continue
-        if passed and exported < before:
-            found.append((exported, p))
+        good = passed or acceptance(p) is not None
+        if good and m.source_id == me.source_id and m.exported_at < me.exported_at:
+            found.append((m.exported_at, p))
     return max(found)[1] if found else None
+
+
+def accept(snapshot: Path, reason: str, by: str) -> dict:
+    """Record that the change in shares that failed `snapshot`'s validation is real;
+    the snapshot then serves as the next run's reference. Returns the record."""
+    snapshot = Path(snapshot)
+    if not reason.strip():
+        raise AcceptError("say why the new mix is real: --reason is required")
+    try:
+        summary = json.loads((snapshot / SUMMARY).read_text())
+    except (OSError, ValueError):
+        raise AcceptError(
+            f"{snapshot} has no validation result: validate it first (valifi validate {snapshot})"
+        ) from None
+    if summary.get("success"):
+        raise AcceptError(f"{snapshot} passed validation: there is nothing to accept")
+    failures = [Failure(**f) for f in summary.get("failures", [])]
+    if other := [f for f in failures if not f.acceptable]:
+        raise AcceptError(
+            "only a change in the shares of bots or data types can be accepted; these "
+            "expectations failed as well: " + "; ".join(f.line() for f in other)
+        )
+    record = {
+        "by": by,
+        "at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "reason": reason.strip(),
+        "accepted": [f.line() for f in failures],
+        "sha256": Manifest.read(snapshot).sha256,
+    }
+    _write_atomic(snapshot / ACCEPTANCE, json.dumps(record, indent=2))
+    return record
 
 
 def share_failures(now: Manifest, before: Manifest, limit: float, ref: str) -> list[Failure]:
@@ -143,6 +228,7 @@ def share_failures(now: Manifest, before: Manifest, limit: float, ref: str) -> l
                     column,
                     f"{name} {was:.1%} -> {share:.1%}",
                     f"max_share_change={limit:g} against {ref}",
+                    acceptable=True,
                 )
             )
     return failures
@@ -201,7 +287,7 @@ def validate_snapshot(
     results = vd.run(batch_parameters={"dataframe": df})
     failures = [_failure(r) for r in results.results if not r.success]
     evaluated = len(results.results)
-    reference = previous_passed(snapshot)
+    reference = reference_snapshot(snapshot)
     if reference is not None:
         failures += share_failures(
             manifest, Manifest.read(reference), spec.max_share_change, reference.name
@@ -214,6 +300,9 @@ def validate_snapshot(
         failures=failures,
         docs=docs,
         reference=None if reference is None else reference.name,
+        snapshot=str(snapshot),
+        reference_acceptance=None if reference is None else acceptance(reference),
+        source_id=manifest.source_id,
     )
     summary = asdict(result) | {"validated_at": datetime.now().astimezone().isoformat()}
     _write_atomic(snapshot / SUMMARY, json.dumps(summary, indent=2, default=str))

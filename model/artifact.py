@@ -115,6 +115,7 @@ class AgentModel:
         self.metrics = metrics
         self.support = support
         self.device = torch.device("cpu")
+        self._bank_keys: dict[str, set[str]] | None = None
 
     def to(self, device: str | torch.device) -> AgentModel:
         """Score on `device` from now on (bf16 autocast on GPUs that support it)."""
@@ -182,10 +183,23 @@ class AgentModel:
             )
         return ranked
 
-    def choose(self, bots, inputs, data_types=None) -> list[dict]:
-        """The best bank action for each (bot, input): the learned policy."""
+    def knows(self, bot: str) -> bool:
+        """Whether the bank holds actions for `bot` (a bot the training rows showed)."""
+        return bool(self.bank.get(bot))
+
+    def knows_action(self, bot: str, action) -> bool:
+        """Whether `action` is in `bot`'s bank."""
+        if self._bank_keys is None:
+            self._bank_keys = {
+                b: {canonical_json(a) for a in acts} for b, acts in self.bank.items()
+            }
+        return canonical_json(action) in self._bank_keys.get(bot, ())
+
+    def choose(self, bots, inputs, data_types=None) -> list[dict | None]:
+        """The best bank action for each (bot, input): the learned policy. None for a
+        bot the model does not know (it has no actions to rank)."""
         reqs = [(b, x, None) for b, x in zip(bots, inputs, strict=True)]
-        return [r[0].action for r in self.rank_many(reqs, data_types)]
+        return [r[0].action if r else None for r in self.rank_many(reqs, data_types)]
 
     def verify(self, atol: float = 1e-4) -> float:
         """Re-score the canary set; raises ArtifactError past `atol`. Returns the max error."""

@@ -30,6 +30,8 @@ def evaluate(
     With `world` (the synthetic generator's ground truth), also the true mean reward
     of the learned policy, the behaviour policy, a per-bot most-frequent-action
     baseline and the oracle, and the share of the behaviour→oracle gap closed.
+    A row of a bot the model does not know keeps the logged action (the bot's own
+    decision) in every policy value.
     """
     reward = holdout["reward"].to_numpy(float)
     pr = per_row(model, holdout)
@@ -55,7 +57,7 @@ def evaluate(
     return out
 
 
-def true_values(model: AgentModel, holdout: pd.DataFrame, chosen: list[dict], world) -> dict:
+def true_values(model: AgentModel, holdout: pd.DataFrame, chosen: list[dict | None], world) -> dict:
     whens = [
         t.to_pydatetime().replace(tzinfo=None) if isinstance(t, pd.Timestamp) else t
         for t in holdout["created_at"]
@@ -72,9 +74,12 @@ def true_values(model: AgentModel, holdout: pd.DataFrame, chosen: list[dict], wo
             )
         )
 
-    policy = value(chosen)
-    behaviour = value(list(holdout["action"]))
-    frequent = value([model.bank[b][0] for b in bots])
+    logged = list(holdout["action"])
+    policy = value([c if c is not None else a for c, a in zip(chosen, logged, strict=True)])
+    behaviour = value(logged)
+    frequent = value(
+        [model.bank[b][0] if model.knows(b) else a for b, a in zip(bots, logged, strict=True)]
+    )
     oracle = value(
         [world.oracle_action(b, x, w) for b, x, w in zip(bots, inputs, whens, strict=True)]
     )

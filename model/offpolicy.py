@@ -128,14 +128,26 @@ class PolicyRows:
     reward: np.ndarray
 
     @classmethod
-    def build(cls, q_chosen, q_logged, chosen, logged, propensity, reward) -> PolicyRows:
+    def build(cls, q_chosen, q_logged, chosen, logged, propensity, reward, kept=None) -> PolicyRows:
+        """`chosen[i]` None: the policy cannot rank row i (a bot it does not know); the
+        bot's own logged decision stands there, valued at the reward it earned."""
+        kept = np.array([c is None for c in chosen]) if kept is None else np.asarray(kept)
         match = np.array(
-            [action_key(c) == action_key(a) for c, a in zip(chosen, logged, strict=True)]
+            [
+                k or action_key(c) == action_key(a)
+                for c, a, k in zip(chosen, logged, kept, strict=True)
+            ]
         )
         w = match / np.asarray(propensity, float)
+        w[kept] = 1.0  # the logging policy itself: its own reward, unweighted
         q_chosen, q_logged = np.asarray(q_chosen, float), np.asarray(q_logged, float)
+        q_chosen = np.where(kept, q_logged, q_chosen)
         r = np.asarray(reward, float)
         return cls(q_chosen, w, q_chosen + w * (r - q_logged), r)
+
+    def subset(self, rows: np.ndarray) -> PolicyRows:
+        """The pieces of the rows selected by a boolean mask (or an index array)."""
+        return PolicyRows(self.dm[rows], self.weight[rows], self.dr[rows], self.reward[rows])
 
 
 def _snips(w: np.ndarray, r: np.ndarray) -> float:

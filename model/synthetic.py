@@ -428,6 +428,8 @@ class World:
     noise: float | None = None  # standard deviation of the reward noise; 0.25, hard 0.5
     behaviour: tuple[float, float, float] = (0.45, 0.35, 0.20)
     hard: bool = False
+    # generate rows of these bots only (a bot going live, or retired); None: all of them
+    only: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.noise is None:
@@ -487,7 +489,9 @@ class World:
         """
         rng = np.random.default_rng(self.seed)
         end = end or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
-        names = list(self.bots)
+        names = [n for n in self.bots if self.only is None or n in self.only]
+        if not names:
+            raise ValueError(f"no bot of this world is in {self.only}; bots: {list(self.bots)}")
         explore = {name: self._explore(b) for name, b in self.bots.items()}
         offsets = np.sort(rng.uniform(0, days * 86400, size=rows))[::-1]
         records = []

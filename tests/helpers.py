@@ -85,13 +85,15 @@ def synthetic_snapshot(
     bad: BadRows | None = None,
     drift_at: datetime | None = None,
     hard: bool = False,
+    only: tuple[str, ...] | None = None,
 ) -> Path:
     """A snapshot folder (data.parquet + manifest.json) straight from the generator
-    (its hard world with `hard`)."""
+    (its hard world with `hard`; rows of the bots `only` names, if given)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     end = end or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
-    df = World(seed=seed, drift_at=drift_at, hard=hard).generate(rows, days=days, end=end, bad=bad)
+    world = World(seed=seed, drift_at=drift_at, hard=hard, only=only)
+    df = world.generate(rows, days=days, end=end, bad=bad)
     df = df.iloc[::-1]  # newest first, as exported
     table = pa.table(
         {

@@ -87,12 +87,22 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _validate(args: argparse.Namespace, settings: Settings) -> int:
-    from flows.validate import validate_snapshot
+    from flows.validate import accept, validate_snapshot
 
+    if args.accept:
+        from core.registry import whoami
+
+        record = accept(args.snapshot, args.reason or "", whoami())
+        print(
+            f"accepted by {record['by']} at {record['at']}: {record['reason']}\n"
+            + "\n".join(f"- {line}" for line in record["accepted"])
+            + f"\nthe next run compares the shares with {args.snapshot}"
+        )
+        return 0
     min_rows = settings.export.min_rows if args.min_rows is None else args.min_rows
     result = validate_snapshot(args.snapshot, settings.validation, min_rows)
     if result.success:
-        print(f"validation passed: {result.evaluated} expectations")
+        print(f"validation passed: {result.evaluated} expectations; {result.compared()}")
     else:
         print(result.reason(), file=sys.stderr)
     print(f"data docs: {result.docs}")
@@ -279,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="validate a snapshot with the expectation suite")
     s.add_argument("snapshot", type=Path)
     s.add_argument("--min-rows", type=int, help="minimum rows expected (default: settings)")
+    s.add_argument(
+        "--accept",
+        action="store_true",
+        help="accept the change in shares that failed this snapshot as real (needs "
+        "--reason); the next run compares with it",
+    )
+    s.add_argument("--reason", help="with --accept: why the new mix is real")
     s.set_defaults(func=_validate)
 
     s = sub.add_parser("train", help="run the train flow once against the configured services")

@@ -128,6 +128,84 @@ def test_share_of_each_bot_is_compared_with_the_last_snapshot_that_passed(seeded
     assert loose.success and loose.reference == first.name
 
 
+def test_two_sources_in_one_snapshot_folder_never_compare_with_each_other(
+    fresh_db, external_pg, tmp_path
+):
+    """Staging then production (or a second table) exported into one folder: each
+    snapshot's shares are compared with its own source's snapshots only."""
+    staging, production = fresh_db(external_pg), fresh_db(external_pg)
+    seed(staging, 1500, world=World(seed=1, only=("trading_advanced",)), end=NOW, days=6)
+    seed(production, 1500, world=World(seed=2), end=NOW, days=6)
+    first = export_snapshot(staging, ExportSpec(), tmp_path)
+    assert validate_snapshot(first).success
+    other = export_snapshot(production, ExportSpec(), tmp_path)
+    m_first, m_other = Manifest.read(first), Manifest.read(other)
+    assert m_first.source_id != m_other.source_id
+    assert m_first.source["database"] != m_other.source["database"]
+    assert m_first.source["cluster"] == m_other.source["cluster"]  # one server, two databases
+    assert m_first.source["table"] == "bot_training_data" and m_first.source["layout"] == "app"
+    result = validate_snapshot(other)  # one bot at 100% against four at ~25%: unrelated
+    assert result.success and result.reference is None
+    assert result.compared() == "first snapshot of this source: shares not compared"
+    again = export_snapshot(staging, ExportSpec(), tmp_path)
+    assert validate_snapshot(again).reference == first.name  # not the newer `other`
+    assert Manifest.read(again).source_id == m_first.source_id
+
+
+def test_a_real_change_in_the_mix_is_accepted_once_and_becomes_the_reference(
+    fresh_db, external_pg, tmp_path
+):
+    url = fresh_db(external_pg)
+    three = ("trading_advanced", "financial_stocks", "analytics_portfolio")
+    seed(url, 2000, world=World(seed=1, only=three), end=NOW, days=6)
+    first = export_snapshot(url, ExportSpec(), tmp_path)
+    assert validate_snapshot(first).success
+    # a new bot goes live at a third of the rows
+    seed(
+        url,
+        1000,
+        world=World(seed=2, only=("platform_onboarding",)),
+        end=NOW,
+        days=6,
+        mode="append",
+    )
+    second = export_snapshot(url, ExportSpec(), tmp_path)
+    failed = validate_snapshot(second)
+    assert not failed.success and failed.acceptable and failed.reference == first.name
+    assert "'platform_onboarding' 0.0% -> 33.3%" in failed.reason()
+    command = f'valifi validate {second} --accept --reason "<why>"'
+    assert command in failed.reason()
+
+    no_reason = valifi("validate", str(second), "--accept", env={})
+    assert no_reason.returncode == 1 and "--reason is required" in no_reason.stderr
+    still = export_snapshot(url, ExportSpec(), tmp_path)
+    assert validate_snapshot(still).reference == first.name  # not accepted: still fails
+    assert not validate_snapshot(still).success
+
+    ok = valifi("validate", str(second), "--accept", "--reason", "onboarding went live", env={})
+    assert ok.returncode == 0, ok.stderr
+    record = json.loads((second / "acceptance.json").read_text())
+    assert record["reason"] == "onboarding went live" and "@" in record["by"]
+    assert record["sha256"] == Manifest.read(second).sha256
+    assert any("platform_onboarding" in line for line in record["accepted"])
+    after = export_snapshot(url, ExportSpec(), tmp_path)
+    passed = validate_snapshot(after)
+    assert passed.success and passed.reference == second.name
+    assert "accepted by" in passed.compared() and "onboarding went live" in passed.compared()
+
+
+def test_only_a_change_in_shares_can_be_accepted(fresh_db, external_pg, tmp_path):
+    url = fresh_db(external_pg)
+    seed(url, 1000, world=World(seed=3), end=NOW, days=6, bad=BadRows(out_of_range=0.05))
+    snap = export_snapshot(url, ExportSpec(), tmp_path)
+    result = validate_snapshot(snap)
+    assert not result.success and not result.acceptable and "--accept" not in result.reason()
+    r = valifi("validate", str(snap), "--accept", "--reason", "looks fine to me", env={})
+    assert r.returncode == 1 and "only a change in the shares" in r.stderr
+    assert "expect_column_values_to_be_between on reward" in r.stderr
+    assert not (snap / "acceptance.json").exists()
+
+
 def test_key_order_and_whitespace_do_not_change_the_snapshot(fresh_db, external_pg, tmp_path):
     url = fresh_db(external_pg)
     seed(url, 120, layout="design", world=World(seed=1), end=NOW, days=6)

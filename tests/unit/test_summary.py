@@ -86,3 +86,46 @@ def test_summary_has_every_section_and_the_links():
 def test_summary_of_a_failed_run_keeps_the_error():
     md = render({"decision": "Failed", "error": "3 of 14 expectations failed"})
     assert "# train: Failed" in md and "3 of 14 expectations failed" in md
+
+
+def test_summary_shows_the_rows_judged_apart_the_source_and_the_way_to_promote_anyway():
+    from flows.pipeline import override_hint
+
+    apart = {
+        "rows": 146,
+        "bots": {"platform_onboarding": 146},
+        "new_actions": 0,
+        "unranked": 3,
+        "mse": 0.1482,
+        "value": {"dr": 0.16, "dr_ci": [-0.31, 0.53]},
+    }
+    ch = {"rmse": 0.3, "mae": 0.2, "auc": 0.7, "baseline_rmse": 0.4, "rows": 600}
+    gate = decide(GateSpec(), ch, np.full(454, 0.09), ch, np.full(454, 0.05), "1", None, apart)
+    assert not gate.passed
+    source = {"cluster": "system 77", "database": "prod", "schema": "public"}
+    source |= {"table": "bot_training_data", "layout": "app"}
+    md = render(
+        {
+            "decision": "Rejected",
+            "snapshot": {
+                "window": {"since": "a", "until": "b"},
+                "source": source,
+                "source_id": "ab12",
+            },
+            "gate": gate.to_dict() | {"champion_version": "1"},
+            "override": override_hint(["3", "4"], {"champion_version": "1"}, "4"),
+        }
+    )
+    for part in (
+        "| source | prod.public.bot_training_data on system 77 (layout app; id `ab12`) |",
+        "| rows judged by the challenger alone (bots the champion does not know: "
+        "platform_onboarding 146; actions new to it: 0) | 146 | — |",
+        "| MSE on those rows | 0.1482 | — |",
+        "| policy value on those rows, doubly robust | 0.1600 [-0.3100, 0.5300] | — |",
+        "| rows of bots neither model knows (left out) | 3 | — |",
+        "146 holdout rows judged by the challenger alone (the champion does not know "
+        "platform_onboarding (146)): MSE 0.1482, doubly-robust value +0.1600",
+        "The gate has rejected 2 runs in a row against v1 (v3, v4). To promote v4 anyway "
+        '(load-checked, audited): valifi promote 4 --reason "<why>"',
+    ):
+        assert part in md, part
