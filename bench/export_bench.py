@@ -1,6 +1,6 @@
 """Export throughput and memory against psql's COPY, side by side in one run.
 
-    python bench/export_bench.py [--url URL] [--layout app|design] [--sizes 100000 1000000]
+    python3 scripts/bench.py export_bench [--url URL] [--layout app|design] [--sizes 100000 1000000]
 
 Without --url it starts a throw-away embedded PostgreSQL. For each size it runs,
 alternately and `--repeat` times, `psql -c "\\copy (same query) TO STDOUT"` and
@@ -24,19 +24,20 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from flows.source import detect, export_query
+from model.synthetic import World
+from valifi.seed import seed
 
-from flows.source import detect, export_query  # noqa: E402
-from model.synthetic import World  # noqa: E402
-from valifi.seed import seed  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Peak RSS from VmHWM: getrusage's ru_maxrss survives exec, so a child would report
 # this process's own peak (the psql output it held) whenever that was higher.
 CHILD = """
 import sys, time, json
 from pathlib import Path
-from flows.export import ExportSpec, export_snapshot, Manifest
+from flows.export import ExportSpec, export_snapshot
+from model.snapshot import Manifest
+
 t = time.perf_counter()
 snap = export_snapshot(sys.argv[1], ExportSpec(table=sys.argv[2], days=3650, limit=int(sys.argv[3]),
                        until=None), Path(sys.argv[4]))

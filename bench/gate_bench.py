@@ -1,6 +1,6 @@
 """The promotion gate against the truth: pairs whose true policy values are known.
 
-    python bench/gate_bench.py [--rows 4000] [--n 6] [--jobs 2] [--margin 0.1] [--drift]
+    python3 scripts/bench.py gate_bench [--rows 4000] [--n 6] [--jobs 2] [--margin 0.1] [--drift]
                                [--nights N]
 
 On the synthetic world (true rewards known), one snapshot and a champion trained
@@ -42,20 +42,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from core.settings import GateSpec
+from flows.gate import compare_on_holdout as compare
+from model.artifact import load
+from model.evaluation import synthetic_world
+from model.result import TrainResult
+from model.snapshot import read_rows, temporal_split
+from model.synthetic import World, write_snapshot
+from valifi.experiments import drift_recovery, train_command
 
-from core.settings import GateSpec  # noqa: E402
-from flows.training import compare  # noqa: E402
-from model.artifact import load  # noqa: E402
-from model.evaluation import synthetic_world  # noqa: E402
-from model.module import read_snapshot, temporal_split  # noqa: E402
-from model.result import TrainResult  # noqa: E402
-from tests.helpers import drift_recovery, model_train_command, synthetic_snapshot  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(snap: Path, out: Path, seed: int, extra: list[str], threads: int) -> Path:
-    cmd = model_train_command(snap, out, seed, "--threads", str(threads), *extra)
+    cmd = train_command(snap, out, seed, "--threads", str(threads), *extra)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"training {out.name} failed:\n{r.stderr[-2000:]}")
@@ -91,8 +91,8 @@ def nights(args, root: Path, lucky: str, champion, threads: int) -> None:
 
     start = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     snaps = [
-        synthetic_snapshot(
-            root / f"night-{k}", args.rows, seed=200 + k, end=start + timedelta(days=k)
+        write_snapshot(
+            root / f"night-{k}", args.rows, World(seed=200 + k), end=start + timedelta(days=k)
         )
         for k in range(1, args.nights + 1)
     ]
@@ -111,12 +111,12 @@ def nights(args, root: Path, lucky: str, champion, threads: int) -> None:
     for k, (snap, out) in enumerate(zip(snaps, outs, strict=True), start=1):
         cfg = TrainResult.read(out).train_config
         train_df, _, holdout = temporal_split(
-            read_snapshot(snap), cfg["val_fraction"], cfg["holdout_fraction"]
+            read_rows(snap), cfg["val_fraction"], cfg["holdout_fraction"]
         )
         new = load(out / "artifact")
         d = compare(GateSpec(margin=args.margin), new, champion, train_df, holdout, "lucky")
         diff = true_value(new, holdout, world) - true_value(champion, holdout, world)
-        truth = "better" if diff > args.tol else "worse" if diff < -args.tol else "same"
+        truth = truth_of(diff, args.tol)
         blocked = not d.passed and truth != "worse"
         streak = streak + 1 if blocked else 0
         longest = max(longest, streak)
@@ -130,54 +130,33 @@ def nights(args, root: Path, lucky: str, champion, threads: int) -> None:
     print(f"longest run of nights a retrain not truly worse was kept out: {longest}")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=4000)
-    p.add_argument("--n", type=int, default=6)
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--tol", type=float, default=0.005, help="true value difference that counts")
-    p.add_argument("--margin", type=float, default=GateSpec().margin)
-    p.add_argument("--drift", action="store_true", help="also the retrain after a drift")
-    p.add_argument("--nights", type=int, default=0, help="nights judged against the lucky one")
-    args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="valifi-gate-bench-"))
-    snap = synthetic_snapshot(root / "snap", args.rows, seed=0)
-    small = synthetic_snapshot(root / "small", args.rows // 5, seed=50)
+def truth_of(diff: float, tol: float) -> str:
+    return "better" if diff > tol else "worse" if diff < -tol else "same"
+
+
+def train_all(args, root: Path) -> tuple[dict, Path]:
+    """Every model of the pairs, trained `args.jobs` at a time: name -> output folder;
+    and the snapshot they are judged on."""
+    snap = write_snapshot(root / "snap", args.rows, World(seed=0))
+    small = write_snapshot(root / "small", args.rows // 5, World(seed=50))
     blind = without_field(snap, root / "blind", "indicators")
     jobs = [("champion", snap, 0, []), ("small-champion", small, 0, [])]
     jobs += [(f"retrain-{i}", snap, i, []) for i in range(1, args.n + 1)]
+    worse = {"one-epoch": ["--max-epochs", "1"], "shuffled": ["--shuffle-rewards"]}
     for i in range(args.n):
         kind = ("one-epoch", "shuffled", "no-indicators")[i % 3]
-        extra = {"one-epoch": ["--max-epochs", "1"], "shuffled": ["--shuffle-rewards"]}
-        jobs.append(
-            (
-                f"{kind}-{i}",
-                blind if kind == "no-indicators" else snap,
-                100 + i,
-                extra.get(kind, []),
-            )
-        )
+        data = blind if kind == "no-indicators" else snap
+        jobs.append((f"{kind}-{i}", data, 100 + i, worse.get(kind, [])))
     threads = max(1, 2 // args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:
         done = pool.map(lambda j: train(j[1], root / j[0], j[2], j[3], threads), jobs)
-        outs = dict(zip([j[0] for j in jobs], done, strict=True))
-    models = {name: load(out / "artifact") for name, out in outs.items()}
-    cfg = TrainResult.read(outs["champion"]).train_config
-    train_df, _, holdout = temporal_split(
-        read_snapshot(snap), cfg["val_fraction"], cfg["holdout_fraction"]
-    )
-    world = synthetic_world(None)
-    values = {name: true_value(m, holdout, world) for name, m in models.items()}
+        return dict(zip([j[0] for j in jobs], done, strict=True)), snap
+
+
+def judge_pairs(args, models: dict, values: dict, train_df, holdout) -> list[tuple]:
+    """Each pair judged by both gates, printed; (truth, {gate: promoted}) per pair."""
     pairs = [(name, "champion") for name in models if name not in ("champion", "small-champion")]
     pairs += [(f"retrain-{i}", "small-champion") for i in range(1, args.n + 1)]
-    gates = {
-        "error only": GateSpec(margin=args.margin, value_check=False),
-        "as shipped": GateSpec(margin=args.margin),
-    }
-    print(
-        f"snapshot {args.rows} rows, holdout {len(holdout)} rows; true value of the champion "
-        f"{values['champion']:.4f}, of the small champion {values['small-champion']:.4f}"
-    )
     print(
         "| challenger | against | true value diff | truth | error only | as shipped "
         "| DR diff, value test |"
@@ -186,10 +165,10 @@ def main() -> int:
     rows = []
     for new, old in pairs:
         diff = values[new] - values[old]
-        truth = "better" if diff > args.tol else "worse" if diff < -args.tol else "same"
+        truth = truth_of(diff, args.tol)
         verdicts = {
             g: compare(spec, models[new], models[old], train_df, holdout, old)
-            for g, spec in gates.items()
+            for g, spec in gates(args).items()
         }
         rows.append((truth, {g: d.passed for g, d in verdicts.items()}))
         shipped = verdicts["as shipped"].value
@@ -201,28 +180,38 @@ def main() -> int:
             + " | ".join("promote" if v.passed else "reject" for v in verdicts.values())
             + f" | {dr} |"
         )
-    if args.drift:
-        r = drift_recovery(root / "drift", args.rows)
-        diff = r["challenger_after"] - r["champion_after"]
-        truth = "better" if diff > args.tol else "worse" if diff < -args.tol else "same"
-        rows.append((truth, {"error only": None, "as shipped": r["decision"].passed}))
-        print(
-            f"| retrain after drift | champion before it | {diff:+.4f} | {truth} | — | "
-            f"{'promote' if r['decision'].passed else 'reject'} | "
-            f"{r['decision'].value['diff']['mean']:+.4f}, {r['decision'].value['test']} |"
-        )
-        print(
-            f"\ndrift: the champion earned {r['champion_before']:.4f} before the drift and "
-            f"{r['champion_after']:.4f} after; the retrain earns {r['challenger_after']:.4f}: "
-            f"{r['recovered']:.0%} of the loss recovered"
-        )
-    if args.nights:
-        same = ["champion", *(f"retrain-{i}" for i in range(1, args.n + 1))]
-        lucky = max(same, key=lambda name: values[name])
-        nights(args, root, lucky, models[lucky], threads)
+    return rows
+
+
+def gates(args) -> dict[str, GateSpec]:
+    return {
+        "error only": GateSpec(margin=args.margin, value_check=False),
+        "as shipped": GateSpec(margin=args.margin),
+    }
+
+
+def drift_row(args, root: Path) -> tuple:
+    """The retrain after a drift against the champion from before it, printed."""
+    r = drift_recovery(root / "drift", args.rows)
+    diff = r["challenger_after"] - r["champion_after"]
+    truth = truth_of(diff, args.tol)
+    print(
+        f"| retrain after drift | champion before it | {diff:+.4f} | {truth} | — | "
+        f"{'promote' if r['decision'].passed else 'reject'} | "
+        f"{r['decision'].value['diff']['mean']:+.4f}, {r['decision'].value['test']} |"
+    )
+    print(
+        f"\ndrift: the champion earned {r['champion_before']:.4f} before the drift and "
+        f"{r['champion_after']:.4f} after; the retrain earns {r['challenger_after']:.4f}: "
+        f"{r['recovered']:.0%} of the loss recovered"
+    )
+    return truth, {"error only": None, "as shipped": r["decision"].passed}
+
+
+def tally(args, rows: list[tuple]) -> None:
     print("\n| gate | truly worse promoted | truly better rejected | same promoted |")
     print("|---|---|---|---|")
-    for g in gates:
+    for g in gates(args):
         judged = [(t, v[g]) for t, v in rows if v[g] is not None]
 
         def count(kind, promoted, judged=judged):
@@ -232,6 +221,39 @@ def main() -> int:
         print(
             f"| {g} | {count('worse', True)} | {count('better', False)} | {count('same', True)} |"
         )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--n", type=int, default=6)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--tol", type=float, default=0.005, help="true value difference that counts")
+    p.add_argument("--margin", type=float, default=GateSpec().margin)
+    p.add_argument("--drift", action="store_true", help="also the retrain after a drift")
+    p.add_argument("--nights", type=int, default=0, help="nights judged against the lucky one")
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="valifi-gate-bench-"))
+    outs, snap = train_all(args, root)
+    models = {name: load(out / "artifact") for name, out in outs.items()}
+    cfg = TrainResult.read(outs["champion"]).train_config
+    train_df, _, holdout = temporal_split(
+        read_rows(snap), cfg["val_fraction"], cfg["holdout_fraction"]
+    )
+    world = synthetic_world(None)
+    values = {name: true_value(m, holdout, world) for name, m in models.items()}
+    print(
+        f"snapshot {args.rows} rows, holdout {len(holdout)} rows; true value of the champion "
+        f"{values['champion']:.4f}, of the small champion {values['small-champion']:.4f}"
+    )
+    rows = judge_pairs(args, models, values, train_df, holdout)
+    if args.drift:
+        rows.append(drift_row(args, root))
+    if args.nights:
+        same = ["champion", *(f"retrain-{i}" for i in range(1, args.n + 1))]
+        lucky = max(same, key=lambda name: values[name])
+        nights(args, root, lucky, models[lucky], max(1, 2 // args.jobs))
+    tally(args, rows)
     return 0
 
 

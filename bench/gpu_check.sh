@@ -31,14 +31,14 @@ echo "== 2. nightly-sized training on 1M rows"
 "$py" - "$out" <<'PY' 2>&1 | tee "$out/train_1m.txt"
 import json, subprocess, sys, time
 from pathlib import Path
-sys.path.insert(0, ".")
-from tests.helpers import model_train_command, synthetic_snapshot
+from model.synthetic import World, write_snapshot
+from valifi.experiments import train_command
 out = Path(sys.argv[1])
 t = time.perf_counter()
-snap = synthetic_snapshot(out / "snap-1m", 1_000_000, seed=0)
+snap = write_snapshot(out / "snap-1m", 1_000_000, World(seed=0))
 print(f"snapshot of 1M rows in {time.perf_counter() - t:.0f} s", flush=True)
 t = time.perf_counter()
-cmd = model_train_command(snap, out / "run-1m", 0, "--preset", "large", "--accelerator", "gpu")
+cmd = train_command(snap, out / "run-1m", 0, "--preset", "large", "--accelerator", "gpu")
 subprocess.run(cmd, check=True)
 wall = time.perf_counter() - t
 m = json.loads((out / "run-1m" / "result.json").read_text())["metrics"]

@@ -2,17 +2,15 @@
 ceiling for `bench/serve_bench.py`. Same request model and validation, workers,
 batching and middlewares as `valifi serve`; every execute answer is a constant.
 
-    python bench/noop_server.py HOST PORT    (with the environment `valifi serve` sets)
+    python bench/noop_server.py HOST PORT   (started by serve_bench.py, with the environment
+                                            `valifi serve` sets)
 """
 
 # (No `from __future__ import annotations`: FastAPI needs decode_request's annotation
 # to be the class itself.)
 import sys
-from pathlib import Path
 
 import litserve as ls
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.settings import Settings
 from serving.api import serve

@@ -1,6 +1,6 @@
 """The value of the decisions: our model against what a practitioner would pick instead.
 
-    python bench/policy_bench.py [--sizes 1000 10000 100000] [--seed 0] [--world hard]
+    python3 scripts/bench.py policy_bench [--sizes 1000 10000 100000] [--seed 0] [--world hard]
                                  [--members 1 3]
 
 Needs the development extras (`vowpalwabbit`, `lightgbm`). On the synthetic world
@@ -36,15 +36,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model.artifact import action_bank, load
+from model.config import TrainConfig
+from model.features import canonical_json, leaves
+from model.offpolicy import Behaviour
+from model.snapshot import read_rows, temporal_split
+from model.synthetic import World, write_snapshot
+from valifi.experiments import train_command
 
-from model.artifact import action_bank, load  # noqa: E402
-from model.features import canonical_json, leaves  # noqa: E402
-from model.module import TrainConfig, read_snapshot, temporal_split  # noqa: E402
-from model.offpolicy import Behaviour  # noqa: E402
-from model.synthetic import World  # noqa: E402
-from tests.helpers import model_train_command, synthetic_snapshot  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 UNSAFE = re.compile(r"[\s:|]")
 
@@ -135,7 +135,7 @@ class LightGBMPolicy:
 def _ours(snap: Path, out: Path, seed: int, members: int):
     extra = ["--members", str(members)] if members > 1 else []
     r = subprocess.run(
-        model_train_command(snap, out, seed, "--threads", "2", *extra),
+        train_command(snap, out, seed, "--threads", "2", *extra),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -147,9 +147,9 @@ def _ours(snap: Path, out: Path, seed: int, members: int):
 
 def run(size: int, seed: int, root: Path, hard: bool = False, members=(1,)) -> dict:
     world = World(seed=seed, hard=hard)
-    snap = synthetic_snapshot(root / f"snap-{size}", size, seed=seed, hard=hard)
+    snap = write_snapshot(root / f"snap-{size}", size, World(seed=seed, hard=hard))
     cfg = TrainConfig()
-    df = read_snapshot(snap)
+    df = read_rows(snap)
     train_df, val_df, holdout = temporal_split(df, cfg.val_fraction, cfg.holdout_fraction)
     learn = pd.concat([train_df, val_df])
     rows = list(

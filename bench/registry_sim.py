@@ -1,10 +1,10 @@
 """N agent-server replicas polling one MLflow server for the Production alias.
 
-    python bench/registry_sim.py [--replicas 1 10 30 100] [--intervals 10 1] [--seconds 20]
+    python3 scripts/bench.py registry_sim [--replicas 1 10 30 100] [--intervals 10 1] [--seconds 20]
 
 Starts an MLflow tracking server of its own (as `valifi stack` does), registers a
 model with two versions and points `Production` at the first. Each simulated
-replica is what an agent server's watcher does: every poll interval (first poll at
+replica is what an agent server's alias follower does: every poll interval (first poll at
 a random phase) it asks the registry which version `Production` names, with the
 same REST call MLflow's client makes. For each replica count and interval it
 prints the registry's request rate, the lookup latency (p50, p99, max) and, after
@@ -19,6 +19,7 @@ import asyncio
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,6 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODEL = "valifi-registry-sim"
 
@@ -39,7 +39,7 @@ async def replica(client, url, interval, stop, latencies, seen, moved_at):
         try:
             r = await client.get(f"{url}/api/2.0/mlflow/registered-models/alias", params=params)
             r.raise_for_status()
-        except httpx.HTTPError:  # a watcher logs it and polls again
+        except httpx.HTTPError:  # a follower logs it and polls again
             seen.setdefault("errors", 0)
             seen["errors"] += 1
             await asyncio.sleep(interval)
@@ -92,9 +92,9 @@ def main() -> int:
     args = p.parse_args()
 
     from mlflow import MlflowClient
-    from tests.helpers import own_mlflow
+    from valifi.experiments import own_mlflow
 
-    with own_mlflow() as url:
+    with tempfile.TemporaryDirectory(prefix="valifi-registry-sim-") as tmp, own_mlflow(tmp) as url:
         client = MlflowClient(url)
         client.create_registered_model(MODEL)
         run = client.create_run(client.get_experiment_by_name("Default").experiment_id)

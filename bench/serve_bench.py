@@ -1,6 +1,6 @@
 """The agent server against `mlflow models serve` and against LitServe doing no work.
 
-    python bench/serve_bench.py [--seconds 5] [--rounds 2] [--concurrency 1,8,32]
+    python3 scripts/bench.py serve_bench [--seconds 5] [--rounds 2] [--concurrency 1,8,32]
 
 One command, one machine, one promoted version. It starts an MLflow server of its
 own, trains and promotes a small model, then starts side by side:
@@ -28,14 +28,17 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from valifi.experiments import with_venv_path
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODEL = "valifi-agent-bench"
 INFO = [
@@ -178,10 +181,14 @@ def measure_worst(url: str, pid: int, execute: dict, seconds: float) -> None:
 
 
 def train_and_promote(uri: str, root: Path) -> str:
+    """A small model (1,500 synthetic rows, 2 epochs) trained, registered and promoted."""
     from core.registry import Registry
-    from tests.helpers import register_small
+    from model.synthetic import World, write_snapshot
+    from valifi.experiments import register, train
 
-    version = register_small(uri, MODEL, root, seed=1)
+    snap = write_snapshot(root / "snap", 1500, World(seed=1))
+    out = train(snap, root / "train", 1, "--max-epochs", "2")
+    version = register(uri, MODEL, out, snap)
     Registry(uri, MODEL).promote(version, "serving benchmark")
     return version
 
@@ -207,12 +214,7 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             cmd,
             cwd=ROOT,
-            # mlflow runs `uvicorn` from PATH
-            env={
-                **os.environ,
-                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                **env,
-            },
+            env=with_venv_path({**os.environ, **env}),  # mlflow runs `uvicorn` from PATH
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -224,7 +226,7 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 def servers(ports: dict[str, int], workers: int, data_dir: Path) -> dict[str, list]:
     """name -> [command, extra environment, predict URL]."""
-    from tests.helpers import mlflow_serve_command
+    from valifi.experiments import mlflow_serve_command
 
     ours = {"VALIFI_MODEL_NAME": MODEL, "VALIFI_DATA_DIR": str(data_dir)}
     url = "http://127.0.0.1:{}/{}".format
@@ -370,19 +372,21 @@ def main() -> int:
         return 0
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
-    # an MLflow server and data folder of this run's own (set by importing the helpers)
-    from tests.helpers import _SESSION_DIR, free_port, own_mlflow, stop_server
+    # an MLflow server and data folder of this run's own
+    from core.processes import stop_group
+    from valifi.experiments import free_port, own_mlflow
 
     procs: dict[str, subprocess.Popen] = {}
-    with own_mlflow() as uri:
+    data = Path(tempfile.mkdtemp(prefix="valifi-serve-bench-"))
+    with own_mlflow(data / "stack") as uri:
         try:
             print(f"training and promoting a model in {uri} ...", flush=True)
-            version = train_and_promote(uri, _SESSION_DIR / "train")
+            version = train_and_promote(uri, data / "train")
             execute, records, mixed = requests_for()
             bodies = {"execute": execute, "records": records, "mixed": mixed}
             ports = {n: free_port() for n in NAMES}
-            started = servers(ports, args.workers, _SESSION_DIR / "serve")
-            logs = _SESSION_DIR / "logs"
+            started = servers(ports, args.workers, data / "serve")
+            logs = data / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             for name, (cmd, env, _) in started.items():
                 procs[name] = start(cmd, env, logs / f"{ports[name]}.log")
@@ -399,7 +403,9 @@ def main() -> int:
             return 0
         finally:
             for proc in procs.values():
-                stop_server(proc)
+                stop_group(proc)
+            if not os.environ.get("VALIFI_KEEP_BENCH_DATA"):
+                shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Lightning's training throughput against a plain PyTorch loop, side by side in one run.
 
-    python bench/train_bench.py [--rows 10000] [--epochs 3] [--repeat 2] [--threads N]
-    python bench/train_bench.py --gpu      # large preset, bf16-mixed, also TFLOP/s
+    python3 scripts/bench.py train_bench [--rows 10000] [--epochs 3] [--repeat 2] [--threads N]
+    python3 scripts/bench.py train_bench --gpu      # large preset, bf16-mixed, also TFLOP/s
 
 Same network, data, batch size, optimizer and threads; only the training loop
 differs. Each side trains from the same initial weights, alternately, `--repeat`
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,12 +19,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model.config import TrainConfig
+from model.module import RewardRegressor, SnapshotDataModule
+from model.network import ModelConfig
+from model.synthetic import World, write_snapshot
 
-from model.module import RewardRegressor, SnapshotDataModule, TrainConfig  # noqa: E402
-from model.network import ModelConfig  # noqa: E402
-from tests.helpers import synthetic_snapshot  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def plain_loop(module: RewardRegressor, loader, epochs: int, device: str, bf16: bool) -> float:
@@ -102,7 +101,7 @@ def main() -> None:
     if args.batch_size:
         cfg.batch_size = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
-        snap = synthetic_snapshot(Path(tmp) / "snap", args.rows, seed=1)
+        snap = write_snapshot(Path(tmp) / "snap", args.rows, World(seed=1))
         data = SnapshotDataModule(snap, cfg)
         data.setup("fit")
         fz = data.featurizer

@@ -36,10 +36,16 @@ from pathlib import Path
 
 from core.settings import ALIAS
 from model.result import TrainResult
+from model.snapshot import DOCS, MANIFEST
 
 EXPERIMENT = "valifi-agent-training"
-PYFUNC_FILE = Path(__file__).with_name("agent_pyfunc.py")
 MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"
+# What `mlflow models serve` runs: serving code, logged with the model by its path (never
+# imported here); it imports only the `model` package, logged beside it.
+PYFUNC_FILE = MODEL_PACKAGE.parent / "serving" / "pyfunc.py"
+# What loading and scoring an artifact imports (model.artifact, model.decision): no
+# Lightning, which only training needs
+SERVING_REQUIREMENTS = ("torch", "safetensors", "tokenizers", "numpy", "pandas", "pyarrow")
 RUN_KEY_TAG = "valifi.run_key"
 MODEL_URI_TAG = "valifi.model_uri"
 _UNSET = object()
@@ -260,9 +266,9 @@ class Registry:
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
             mlflow.log_metrics(result.finite_metrics())
             mlflow.log_dict(gate, "gate.json")
-            if (snapshot / "validation").is_dir():
-                mlflow.log_artifacts(str(snapshot / "validation"), "data_docs")
-            mlflow.log_artifact(str(snapshot / "manifest.json"), "snapshot")
+            if (snapshot / DOCS).is_dir():
+                mlflow.log_artifacts(str(snapshot / DOCS), "data_docs")
+            mlflow.log_artifact(str(snapshot / MANIFEST), "snapshot")
             if result.runs.is_dir():
                 mlflow.log_artifacts(str(result.runs), "tensorboard")
             info = mlflow.pyfunc.log_model(
@@ -270,14 +276,7 @@ class Registry:
                 python_model=str(PYFUNC_FILE),
                 artifacts={"agent": str(result.artifact)},
                 code_paths=[str(MODEL_PACKAGE)],
-                pip_requirements=[
-                    "torch",
-                    "safetensors",
-                    "tokenizers",
-                    "numpy",
-                    "pandas",
-                    "lightning",
-                ],
+                pip_requirements=list(SERVING_REQUIREMENTS),
             )
             mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # last: marks the run complete
         return r.info.run_id, info.model_uri

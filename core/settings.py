@@ -13,12 +13,24 @@ knobs are `VALIFI_*`, and a section's field is `VALIFI_<SECTION>_<FIELD>`:
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.snapshot import DATA_TYPES
 
 ALIAS = "Production"  # the registry alias the server follows and the gate moves
 
@@ -56,9 +68,7 @@ class ValidationSpec(BaseModel):
 
     reward_min: float = -1.0
     reward_max: float = 1.0
-    data_types: list[str] = Field(
-        default_factory=lambda: ["market_data", "user_feedback", "strategy_result"]
-    )
+    data_types: list[str] = Field(default_factory=lambda: list(DATA_TYPES))
     max_null_reward_fraction: float = 0.2
     max_bad_payload_fraction: float = 0.01
     # The share of rows of any one bot, or any one data type, may move by at most this
@@ -110,24 +120,68 @@ class WatchSpec(BaseModel):
     min_requests: int = 20  # fewer answers than this: no judgement on error rate
 
 
-class TrainSpec(BaseModel):
-    """How the flow launches training (`python -m model.train`)."""
+class _TrainSpecBase(BaseModel):
+    """How the flow launches training (`python -m model.train`): every field of the
+    training's own configs (model.config: LaunchConfig, TrainConfig), with their
+    defaults and limits, plus how long the flow lets it run."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
 
-    devices: int = 1
-    num_nodes: int = 1
-    max_epochs: int | None = None  # None: the model's default
-    # networks trained side by side, the score their mean (model.module.TrainConfig)
-    members: int = Field(1, ge=1)
-    # standard errors an action's expected reward is lowered by before ranking, for how
-    # few rows show it (model.module.TrainConfig.pessimism); None: the model's default
-    pessimism: float | None = Field(None, ge=0, allow_inf_nan=False)
     timeout_s: float = 3600.0  # a training process running longer is killed
     lock_wait_s: float = 6 * 3600.0  # how long a run waits for another run to finish
-    # Report true policy values from the synthetic generator (data from seed-data only).
-    synthetic_ground_truth: bool = False
-    synthetic_drift_at: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_names(cls, values):
+        """VALIFI_TRAIN_SYNTHETIC_GROUND_TRUTH=true and _SYNTHETIC_DRIFT_AT, as earlier."""
+        if isinstance(values, dict):
+            values = dict(values)
+            if "synthetic_ground_truth" in values:
+                truth = str(values.pop("synthetic_ground_truth")).lower()
+                values.setdefault(
+                    "ground_truth", "synthetic" if truth in ("1", "true", "yes") else "none"
+                )
+            if "synthetic_drift_at" in values:
+                values.setdefault("drift_at", values.pop("synthetic_drift_at"))
+        return values
+
+    @model_validator(mode="after")
+    def _valid_configs(self):
+        self.configs()  # the configs' own checks, with their messages
+        return self
+
+    def configs(self):
+        """(LaunchConfig, TrainConfig) of these settings."""
+        from model.config import CONFIGS
+
+        return tuple(
+            cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+            for cls in CONFIGS
+        )
+
+
+def _config_field(f: dataclasses.Field, kind) -> tuple:
+    """A settings field for one field of a training config: its type, default, help and
+    limits, as the config declares them."""
+    meta = f.metadata
+    if meta.get("choices"):
+        kind = Literal[meta["choices"]]
+    extra = {"allow_inf_nan": False} if meta.get("ge") is not None else {}
+    return (kind, Field(f.default, ge=meta.get("ge"), description=meta["help"], **extra))
+
+
+def _train_spec() -> type[BaseModel]:
+    from model.config import CONFIGS, annotations
+
+    fields = {
+        f.name: _config_field(f, annotations(cls)[f.name])
+        for cls in CONFIGS
+        for f in dataclasses.fields(cls)
+    }
+    return create_model("TrainSpec", __base__=_TrainSpecBase, __module__=__name__, **fields)
+
+
+TrainSpec = _train_spec()
 
 
 class ServeSpec(BaseModel):

@@ -5,29 +5,18 @@ then stream out of PostgreSQL through ADBC's driver (a binary COPY decoded into
 Arrow batches) inside a read-only repeatable-read transaction, and are appended
 to a Parquet file batch by batch, so memory stays flat as the row count grows.
 The snapshot folder is written under a temporary name and renamed only when
-complete: a failed export leaves nothing behind.
-
-    SNAPSHOT/
-      data.parquet        id, bot_id, bot, data_type, input, input_ok, action,
-                          action_ok, reward, created_at (UTC)
-      quarantine.parquet  id, column, reason: each payload that cannot be used (not
-                          JSON, not an object, a number outside float range, over
-                          the size limit, NULL); its row stays in data.parquet with
-                          its *_ok flag false, and validation judges the share
-      manifest.json       counts, window and what it held, watermark, layout, query,
-                          sha256 of data.parquet, quarantined payloads by reason, and
-                          the source (cluster, database, schema, table, columns)
+complete: a failed export leaves nothing behind. The folder's format is
+`model.snapshot`'s; a payload that cannot be used (not JSON, not an object, a number
+outside float range, over the size limit, NULL) is listed in its quarantine with the
+reason, and its row stays in the data, flagged, for validation to judge the share.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,30 +37,8 @@ from flows.source import (
     source_id,
     window_count_query,
 )
-
-MANIFEST = "manifest.json"
-DATA = "data.parquet"
-QUARANTINE = "quarantine.parquet"  # rows whose payload cannot be used: id, column, reason
-QUARANTINE_SCHEMA = pa.schema(
-    [("id", pa.string()), ("column", pa.string()), ("reason", pa.string())]
-)
-FORMAT_VERSION = 1
-
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("bot_id", pa.string()),
-        ("bot", pa.string()),
-        ("data_type", pa.string()),
-        ("input", pa.string()),
-        ("input_ok", pa.bool_()),
-        ("action", pa.string()),
-        ("action_ok", pa.bool_()),
-        ("reward", pa.float64()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-
+from model import snapshot
+from model.snapshot import DATA, QUARANTINE, QUARANTINE_SCHEMA, SCHEMA, Manifest
 
 # what the export query returns: created_at is UTC without a zone
 WIRE = pa.schema(
@@ -81,47 +48,6 @@ WIRE = pa.schema(
 
 class InsufficientData(RuntimeError):
     """Fewer rows than the minimum: the run is skipped, not failed."""
-
-
-@dataclass
-class Manifest:
-    format_version: int
-    rows: int
-    null_reward_rows: int
-    bad_input_rows: int  # input is not a JSON object (unparseable text, or a JSON scalar)
-    bad_action_rows: int
-    window: dict[str, str]
-    watermark: str | None  # newest created_at exported
-    oldest: str | None
-    layout: str
-    table: str
-    columns: dict[str, str]
-    query: str
-    limit: int
-    sha256: str  # of data.parquet
-    bots: dict[str, int]
-    data_types: dict[str, int]
-    exported_at: str
-    # the window held this many rows; `limit_cut`: the export kept only the newest `limit`
-    window_rows: int | None = None
-    limit_cut: bool = False
-    null_bot_rows: int = 0  # rows without a bot or data type (validation fails them)
-    null_data_type_rows: int = 0
-    naive_timezone: str | None = None  # the zone a column without one was read in
-    # payloads that cannot be used, by column and reason (each row listed in QUARANTINE)
-    quarantined: dict[str, int] = field(default_factory=dict)
-    trainable_rows: int = 0  # scored, input and action readable: what min_rows counts
-    # where the rows came from (flows.source.identity) and its short name: validation
-    # compares shares only with snapshots of the same source
-    source: dict = field(default_factory=dict)
-    source_id: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def read(cls, snapshot: Path) -> Manifest:
-        return cls(**json.loads((Path(snapshot) / MANIFEST).read_text()))
 
 
 def read_payload(text: str | None, max_bytes: int) -> tuple[str | None, bool, str | None]:
@@ -326,11 +252,10 @@ def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
         window_rows = _read_rows(url, count_sql, rows_sql, spec.chunk_bytes, sink.feed)
     finally:
         sink.close()
-    with open(folder / DATA, "rb") as f:
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    sha256 = snapshot.sha256(folder)
     manifest = _manifest(src, spec, query, sink, since, until, window_rows, naive_tz, sha256)
     manifest.source, manifest.source_id = source, source_id(source)
-    (folder / MANIFEST).write_text(manifest.to_json())
+    manifest.write(folder)
     return manifest
 
 
@@ -369,7 +294,7 @@ def _iso(t: datetime | None) -> str | None:
 def _manifest(src, spec, query, sink, since, until, window_rows, naive_tz, sha256) -> Manifest:
     s = sink.stats
     return Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=snapshot.FORMAT_VERSION,
         rows=s["rows"],
         null_reward_rows=s["null_reward"],
         bad_input_rows=s["bad_input"],

@@ -21,7 +21,7 @@ import contextlib
 import json
 import socket
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,14 +32,16 @@ from prefect.input import RunInput
 from prefect.states import Completed
 
 from core.registry import AliasMoved, Registry, git_commit
-from core.settings import ExportSpec, GateSpec, Settings, ValidationSpec, WatchSpec
-from flows.export import InsufficientData, Manifest, export_snapshot
+from core.settings import ExportSpec, GateSpec, Settings, TrainSpec, ValidationSpec, WatchSpec
+from flows.export import InsufficientData, export_snapshot
+from flows.gate import judge_against_production
 from flows.source import SourceError
 from flows.summary import render
-from flows.training import judge, launch, train_args
+from flows.training import launch, train_options
 from flows.validate import ValidationFailed, accept, accept_hint, validate_snapshot
 from flows.watch import watch_and_rollback
 from model.result import TrainResult
+from model.snapshot import Manifest
 
 LOCK = "valifi-train"  # the global concurrency limit every train run holds
 
@@ -206,9 +208,9 @@ def ask_to_accept(failed: ValidationFailed, wait_s: float) -> str:
 
 
 @task(name="train")
-def train_task(snapshot: str, out: Path, args: list[str], timeout_s: float) -> TrainResult:
-    get_run_logger().info("training %s with %s", snapshot, " ".join(args))
-    result = launch(Path(snapshot), out, args, timeout_s)
+def train_task(snapshot: str, out: Path, spec: TrainSpec, extra: list[str]) -> TrainResult:
+    get_run_logger().info("training %s with %s", snapshot, " ".join(train_options(spec, extra)))
+    result = launch(Path(snapshot), out, spec, extra)
     get_run_logger().info("trained: %s", {k: result.metrics.get(k) for k in ("rmse", "auc")})
     return result
 
@@ -217,7 +219,7 @@ def train_task(snapshot: str, out: Path, args: list[str], timeout_s: float) -> T
 def evaluate_task(
     registry: Registry, result: TrainResult, snapshot: str, spec: GateSpec, cache: Path
 ) -> dict:
-    decision = judge(registry, result, Path(snapshot), spec, cache)
+    decision = judge_against_production(registry, result, Path(snapshot), spec, cache)
     get_run_logger().info("gate: %s", decision.summary())
     return decision.to_dict()
 
@@ -392,6 +394,22 @@ def _publish(summary: dict) -> None:
         get_run_logger().warning("could not publish the run summary: %s", exc)
 
 
+@dataclass
+class Run:
+    """What one run of `train` works with: its settings (the flow's parameters applied),
+    the extra training options, and the summary it fills as it goes."""
+
+    settings: Settings
+    export: ExportSpec
+    train: TrainSpec
+    extra: list[str]
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def retrying(self) -> dict:
+        return io_retries(self.settings)
+
+
 @flow(name="train", log_prints=True)
 def train(
     days: float | None = None,
@@ -409,76 +427,102 @@ def train(
     `train_args` go to `python -m model.train` as they are (e.g. ["--preset", "large"]).
     """
     settings = Settings()
-    overrides = {"days": days, "limit": limit, "min_rows": min_rows}
-    export = settings.export.model_copy(
-        update={k: v for k, v in overrides.items() if v is not None}
+
+    def given(**values) -> dict:
+        return {k: v for k, v in values.items() if v is not None}
+
+    run = Run(
+        settings,
+        settings.export.model_copy(update=given(days=days, limit=limit, min_rows=min_rows)),
+        settings.train.model_copy(
+            update=given(devices=devices, num_nodes=num_nodes, max_epochs=max_epochs)
+        ),
+        list(train_args or []),
     )
-    summary: dict = {}
     try:
-        with contextlib.ExitStack() as held:
-            try:
-                held.enter_context(run_lock(settings.train.lock_wait_s))
-            except TimeoutError:
-                raise RunLockTimeout(
-                    f"another train run held the lock {LOCK!r} for more than "
-                    f"{settings.train.lock_wait_s:g} s; this run did nothing"
-                ) from None
-            state = _train(settings, export, summary, (devices, num_nodes, max_epochs, train_args))
-        summary["decision"] = f"{state.name}: {state.message}"
+        with _held_lock(settings.train.lock_wait_s):
+            state = _train(run)
+        run.summary["decision"] = f"{state.name}: {state.message}"
         return state
     except BaseException as exc:
-        summary["decision"] = "Failed"
-        summary["error"] = str(exc)[:3000]
+        run.summary["decision"] = "Failed"
+        run.summary["error"] = str(exc)[:3000]
         raise
     finally:
-        _publish(summary)
+        _publish(run.summary)
 
 
-def _train(settings: Settings, export: ExportSpec, summary: dict, overrides: tuple):
+@contextlib.contextmanager
+def _held_lock(wait_s: float):
+    """The one-at-a-time lock for the length of the run, or RunLockTimeout."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(run_lock(wait_s))
+        except TimeoutError:
+            raise RunLockTimeout(
+                f"another train run held the lock {LOCK!r} for more than {wait_s:g} s; "
+                "this run did nothing"
+            ) from None
+        yield
+
+
+def _train(run: Run):
+    """The stages, in order; each returns the run's final state when it ends the run."""
+    settings = run.settings
     if not settings.database_url:
         raise ValueError(
             "DATABASE_URL is not set: point it at the database holding "
-            f"{export.table} (`valifi train` and `valifi worker` set it for the embedded one)"
+            f"{run.export.table} (`valifi train` and `valifi worker` set it for the embedded one)"
         )
     if newer := superseded_task(settings.late_run_grace_s):
-        return Completed(
-            name="Skipped", message=f"skipped: superseded by the newer scheduled run {newer}"
-        )
-    retrying = io_retries(settings)
+        return _skipped(f"superseded by the newer scheduled run {newer}")
     try:
-        snapshot = export_task.with_options(**retrying)(
-            settings.database_url, export, settings.snapshots_dir
+        snapshot = export_task.with_options(**run.retrying)(
+            settings.database_url, run.export, settings.snapshots_dir
         )
     except InsufficientData as exc:
-        return Completed(name="Skipped", message=f"skipped: {exc}")
-    summary["snapshot"] = asdict(Manifest.read(Path(snapshot)))
-    summary["validation"] = "failed (see the error)"
-    summary["validation"] = validate_or_ask(snapshot, settings.validation, export.min_rows)
+        return _skipped(str(exc))
+    run.summary["snapshot"] = asdict(Manifest.read(Path(snapshot)))
+    run.summary["validation"] = "failed (see the error)"
+    run.summary["validation"] = validate_or_ask(snapshot, settings.validation, run.export.min_rows)
     out = settings.runs_dir / f"{Path(snapshot).name}-{uuid.uuid4().hex[:8]}"
-    result = train_task(
-        snapshot, out, train_args(settings.train, *overrides), settings.train.timeout_s
-    )
-    summary["training"] = {"metrics": result.metrics, "config": result.config}
+    result = train_task(snapshot, out, run.train, run.extra)
+    run.summary["training"] = {"metrics": result.metrics, "config": result.config}
     registry = Registry(settings.mlflow_tracking_uri, settings.model_name)
     cache = settings.data_dir / "registry-cache" / settings.model_name
-    gate = evaluate_task.with_options(**retrying)(registry, result, snapshot, settings.gate, cache)
-    summary["gate"] = gate
-    reg = register_task.with_options(**retrying)(
+    gate = evaluate_task.with_options(**run.retrying)(
+        registry, result, snapshot, settings.gate, cache
+    )
+    run.summary["gate"] = gate
+    reg = register_task.with_options(**run.retrying)(
         registry, result, snapshot, gate, f"{_flow_run_id()}:{out.name}"
     )
-    summary["registry"] = reg
-    version = reg["version"]
+    run.summary["registry"] = reg
     if not gate["passed"]:
-        summary["override"] = override_hint(registry.rejected_in_a_row(), gate, version)
-        return Completed(
-            name="Rejected",
-            message=f"rejected by the gate (v{version} registered, not promoted): "
-            + "; ".join(gate["reasons"])
-            + f". {summary['override']}",
-        )
+        return _rejected(run, registry, gate, reg["version"])
+    return _promote(run, registry, gate, reg["version"])
+
+
+def _skipped(why: str):
+    """A run that had nothing to do ends completed, named Skipped, with the reason."""
+    return Completed(name="Skipped", message=f"skipped: {why}")
+
+
+def _rejected(run: Run, registry: Registry, gate: dict, version: str):
+    run.summary["override"] = override_hint(registry.rejected_in_a_row(), gate, version)
+    return Completed(
+        name="Rejected",
+        message=f"rejected by the gate (v{version} registered, not promoted): "
+        + "; ".join(gate["reasons"])
+        + f". {run.summary['override']}",
+    )
+
+
+def _promote(run: Run, registry: Registry, gate: dict, version: str):
+    """Load-check, move Production (if it still holds what the gate judged), watch."""
     load_check_task(registry, version)
     try:
-        move = promote_task.with_options(**retrying)(
+        move = promote_task.with_options(**run.retrying)(
             registry,
             version,
             gate["champion_version"],
@@ -488,38 +532,17 @@ def _train(settings: Settings, export: ExportSpec, summary: dict, overrides: tup
     except AliasMoved as exc:
         return Completed(name="Rejected", message=f"v{version} registered, not promoted: {exc}")
     promoted = f"promoted v{version}: " + "; ".join(gate["reasons"])
-    if settings.watch.window_s <= 0:
+    watch = run.settings.watch
+    if watch.window_s <= 0:
         return Completed(message=promoted)
-    watched = watch_task(registry, settings.python_agent_url, version, move["from"], settings.watch)
-    summary["watch"] = (
-        f"rolled back to v{watched['rolled_back_to']}: {watched['reason']}"
-        if watched["rolled_back_to"]
-        else f"watched: {watched['reason']}"
+    watched = watch_task(registry, run.settings.python_agent_url, version, move["from"], watch)
+    back = watched["rolled_back_to"]
+    run.summary["watch"] = (
+        f"rolled back to v{back}: {watched['reason']}" if back else f"watched: {watched['reason']}"
     )
-    if watched["rolled_back_to"]:
+    if back:
         return Completed(
             name="RolledBack",
-            message=f"v{version} promoted, then rolled back to v{watched['rolled_back_to']}: "
-            f"{watched['reason']}",
+            message=f"v{version} promoted, then rolled back to v{back}: {watched['reason']}",
         )
     return Completed(message=promoted)
-
-
-@flow(name="watch-promotion", log_prints=True)
-def watch_promotion(version: str, previous: str | None = None, window_s: float | None = None):
-    """Watch `version` on the agent server (as `train` does after a promotion) and move
-    Production back to `previous` if the rollout fails or it breaches the thresholds."""
-    settings = Settings()
-    spec = (
-        settings.watch
-        if window_s is None
-        else settings.watch.model_copy(update={"window_s": window_s})
-    )
-    registry = Registry(settings.mlflow_tracking_uri, settings.model_name)
-    watched = watch_task(registry, settings.python_agent_url, version, previous, spec)
-    if watched["rolled_back_to"]:
-        return Completed(
-            name="RolledBack",
-            message=f"v{version} rolled back to v{watched['rolled_back_to']}: {watched['reason']}",
-        )
-    return Completed(message=f"v{version}: {watched['reason']}")

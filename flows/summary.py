@@ -119,51 +119,42 @@ def _aside(quarantined: dict | None) -> object:
     return "; ".join(f"{k} {v}" for k, v in quarantined.items()) + " (quarantine.parquet)"
 
 
+TRAINING_FIGURES = (
+    "train_rows",
+    "epochs",
+    "train_seconds",
+    "val_loss",
+    "rmse",
+    "auc",
+    "true_value_policy",
+    "gap_closed",
+)
+
+
+def _snapshot_rows(snap: dict) -> list[tuple[str, object]]:
+    return [
+        ("rows", snap.get("rows")),
+        ("rows in the window", _window_rows(snap)),
+        ("unscored rows", snap.get("null_reward_rows")),
+        ("trainable rows", snap.get("trainable_rows")),
+        ("payloads set aside", _aside(snap.get("quarantined"))),
+        ("window", f"{snap['window']['since']} → {snap['window']['until']}"),
+        ("newest row", snap.get("watermark")),
+        ("source", _source(snap)),
+        ("sha256", f"`{snap.get('sha256')}`"),
+    ]
+
+
 def render(s: dict) -> str:
     """Markdown for the Prefect UI from the pieces a run gathered (any may be missing)."""
     out = [f"# train: {s.get('decision', 'unknown')}", ""]
     if snap := s.get("snapshot"):
-        out += [
-            "## Snapshot",
-            *_table(
-                [
-                    ("rows", snap.get("rows")),
-                    ("rows in the window", _window_rows(snap)),
-                    ("unscored rows", snap.get("null_reward_rows")),
-                    ("trainable rows", snap.get("trainable_rows")),
-                    ("payloads set aside", _aside(snap.get("quarantined"))),
-                    ("window", f"{snap['window']['since']} → {snap['window']['until']}"),
-                    ("newest row", snap.get("watermark")),
-                    ("source", _source(snap)),
-                    ("sha256", f"`{snap.get('sha256')}`"),
-                ]
-            ),
-            "",
-        ]
+        out += ["## Snapshot", *_table(_snapshot_rows(snap)), ""]
     if (val := s.get("validation")) is not None:
         out += ["## Validation", val, ""]
     if train := s.get("training"):
         m = train.get("metrics", {})
-        out += [
-            "## Training",
-            *_table(
-                [
-                    (k, m.get(k))
-                    for k in (
-                        "train_rows",
-                        "epochs",
-                        "train_seconds",
-                        "val_loss",
-                        "rmse",
-                        "auc",
-                        "true_value_policy",
-                        "gap_closed",
-                    )
-                    if k in m
-                ]
-            ),
-            "",
-        ]
+        out += ["## Training", *_table([(k, m[k]) for k in TRAINING_FIGURES if k in m]), ""]
     if gate := s.get("gate"):
         out += _gate(gate)
     if override := s.get("override"):

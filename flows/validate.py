@@ -31,11 +31,8 @@ from pathlib import Path
 import pandas as pd
 
 from core.settings import ExportSpec, ValidationSpec
-from flows.export import DATA, Manifest
+from model.snapshot import ACCEPTANCE, DATA, DOCS, VALIDATION, Manifest
 
-REPORT = "validation"
-SUMMARY = "validation.json"
-ACCEPTANCE = "acceptance.json"
 EXPECTED_COLUMNS = [
     "id",
     "bot_id",
@@ -163,7 +160,7 @@ def reference_snapshot(snapshot: Path) -> Path | None:
         if p == snapshot or p.name.startswith(".") or not p.is_dir():
             continue
         try:
-            passed = json.loads((p / SUMMARY).read_text()).get("success")
+            passed = json.loads((p / VALIDATION).read_text()).get("success")
             m = Manifest.read(p)
         except (OSError, ValueError, TypeError):
             continue
@@ -180,7 +177,7 @@ def accept(snapshot: Path, reason: str, by: str) -> dict:
     if not reason.strip():
         raise AcceptError("say why the new mix is real: --reason is required")
     try:
-        summary = json.loads((snapshot / SUMMARY).read_text())
+        summary = json.loads((snapshot / VALIDATION).read_text())
     except (OSError, ValueError):
         raise AcceptError(
             f"{snapshot} has no validation result: validate it first (valifi validate {snapshot})"
@@ -305,7 +302,7 @@ def validate_snapshot(
         source_id=manifest.source_id,
     )
     summary = asdict(result) | {"validated_at": datetime.now().astimezone().isoformat()}
-    _write_atomic(snapshot / SUMMARY, json.dumps(summary, indent=2, default=str))
+    _write_atomic(snapshot / VALIDATION, json.dumps(summary, indent=2, default=str))
     return result
 
 
@@ -325,7 +322,7 @@ def _build_docs(ctx, snapshot: Path) -> str | None:
             },
         )
         ctx.build_data_docs(site_names=["snapshot"])
-        final = snapshot / REPORT
+        final = snapshot / DOCS
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

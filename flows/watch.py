@@ -113,7 +113,7 @@ def quantile(buckets: dict[float, float], q: float) -> float | None:
     return finite[-1] if finite else None
 
 
-def judge(spec: WatchSpec, new: VersionStats, previous_p99: float | None) -> str | None:
+def breach(spec: WatchSpec, new: VersionStats, previous_p99: float | None) -> str | None:
     """The reason to roll back, or None."""
     if new.requests >= spec.min_requests and new.error_rate > spec.max_error_rate:
         return (
@@ -157,7 +157,7 @@ def watch(
         new = delta(stats(now, version), base)
         if previous:
             prev_p99 = stats(now, previous).p99() or prev_p99
-        reason = judge(spec, new, prev_p99)
+        reason = breach(spec, new, prev_p99)
         if reason or time.monotonic() >= deadline:
             break
         time.sleep(spec.poll_s)

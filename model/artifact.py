@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.features import Featurizer, canonical_json
-from model.module import to_tensors
-from model.network import ModelConfig, RewardEnsemble, RewardModel, build
+from model.network import ModelConfig, RewardEnsemble, RewardModel, build, to_tensors
+from model.snapshot import DATA_TYPES
 
 FILES = (
     "model.safetensors",
@@ -99,20 +99,22 @@ class AgentModel:
         self,
         net: RewardModel | RewardEnsemble,
         featurizer: Featurizer,
-        bank: dict[str, list[dict]],
-        default_data_type: dict[str, str],
-        config: dict,
-        canary: list[dict],
-        metrics: dict,
+        bank: dict[str, list[dict]] | None = None,
+        default_data_type: dict[str, str] | None = None,
+        config: dict | None = None,
+        canary: list[dict] | None = None,
+        metrics: dict | None = None,
         support: Support = NO_SUPPORT,
     ):
+        """A network and its featurizer score pairs; the bank (per bot, its actions) and
+        the support (see `Support`) rank them; the rest is what the artifact records."""
         self.net = net.eval()
         self.featurizer = featurizer
-        self.bank = bank
-        self.default_data_type = default_data_type
-        self.config = config
-        self.canary = canary
-        self.metrics = metrics
+        self.bank = bank or {}
+        self.default_data_type = default_data_type or {}
+        self.config = config or {}
+        self.canary = canary or []
+        self.metrics = metrics or {}
         self.support = support
         self.device = torch.device("cpu")
         self._bank_keys: dict[str, set[str]] | None = None
@@ -162,7 +164,7 @@ class AgentModel:
         for i, (bot, x, candidates) in enumerate(requests):
             cands = candidates if candidates else self.bank.get(bot, [])
             dt = (data_types[i] if data_types else None) or self.default_data_type.get(
-                bot, "market_data"
+                bot, DATA_TYPES[0]
             )
             ctx = fz.context_tokens(bot, dt, x)
             spans.append((len(seqs), len(seqs) + len(cands), cands))
@@ -205,8 +207,7 @@ class AgentModel:
         """Re-score the canary set; raises ArtifactError past `atol`. Returns the max error."""
         if not self.canary:
             raise ArtifactError("artifact has no canary set")
-        rows = [(c["bot"], c["data_type"], c["input"], c["action"]) for c in self.canary]
-        got = self.score(rows)
+        got = self.score(pairs(self.canary))
         want = np.array([c["score"] for c in self.canary])
         err = float(np.max(np.abs(got - want)))
         if not np.isfinite(err) or err > atol:
@@ -245,6 +246,11 @@ def default_data_types(df: pd.DataFrame) -> dict[str, str]:
     return {str(b): str(g["data_type"].mode().iloc[0]) for b, g in df.groupby("bot")}
 
 
+def pairs(canary: list[dict]) -> list[tuple]:
+    """(bot, data_type, input, action) of each canary row, as `AgentModel.score` takes them."""
+    return [(c["bot"], c["data_type"], c["input"], c["action"]) for c in canary]
+
+
 def canary_rows(df: pd.DataFrame, k: int = CANARY_SIZE) -> list[dict]:
     take = df.iloc[np.linspace(0, len(df) - 1, min(k, len(df))).astype(int)]
     return [
@@ -255,37 +261,31 @@ def canary_rows(df: pd.DataFrame, k: int = CANARY_SIZE) -> list[dict]:
 
 def save(
     out: Path,
-    net: RewardModel | RewardEnsemble,
-    featurizer: Featurizer,
-    bank: dict,
-    default_dt: dict,
+    model: AgentModel,
     config: dict,
     canary: list[dict],
     metrics: dict,
     support: dict | None = None,
 ) -> Path:
-    """Write the artifact folder atomically; canary scores are computed here, by this net.
-    `support`: {"counts": bank_counts(...), "pessimism": k, "noise_sd": s} (see Support)."""
+    """Write `model`'s artifact folder atomically; the canary scores are computed here, by
+    its net. `support`: {"counts": bank_counts(...), "pessimism": k, "noise_sd": s} (see
+    Support), from which `model.support` was made."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = AgentModel(net, featurizer, bank, default_dt, config, [], metrics)
-    scores = model.score([(c["bot"], c["data_type"], c["input"], c["action"]) for c in canary])
+    scores = model.score(pairs(canary))
     canary = [c | {"score": float(s)} for c, s in zip(canary, scores, strict=True)]
+    bank = {"bank": model.bank, "default_data_type": model.default_data_type}
+    texts = {
+        "config.json": json.dumps(config, indent=2),
+        "featurizer.json": model.featurizer.to_json(),
+        "action_bank.json": json.dumps(bank | ({"support": support} if support else {}), indent=2),
+        "canary.json": json.dumps(canary, indent=2),
+        "metrics.json": json.dumps(metrics, indent=2),
+    }
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-artifact-", dir=out.parent))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
         save_file(state, tmp / "model.safetensors")
-        texts = {
-            "config.json": json.dumps(config, indent=2),
-            "featurizer.json": featurizer.to_json(),
-            "action_bank.json": json.dumps(
-                {"bank": bank, "default_data_type": default_dt}
-                | ({"support": support} if support else {}),
-                indent=2,
-            ),
-            "canary.json": json.dumps(canary, indent=2),
-            "metrics.json": json.dumps(metrics, indent=2),
-        }
         for name, text in texts.items():
             (tmp / name).write_text(text)
         if out.exists():
@@ -307,17 +307,17 @@ def load(path: Path, verify: bool = True) -> AgentModel:
         config = json.loads((path / "config.json").read_text())
         featurizer = Featurizer.from_json((path / "featurizer.json").read_text())
         bank = json.loads((path / "action_bank.json").read_text())
-        net = build(ModelConfig(**config["model"]))
+        net = build(ModelConfig.from_dict(config["model"]))
         net.load_state_dict(load_file(path / "model.safetensors"))
         model = AgentModel(
             net,
             featurizer,
-            bank["bank"],
-            bank["default_data_type"],
-            config,
-            json.loads((path / "canary.json").read_text()),
-            json.loads((path / "metrics.json").read_text()),
-            Support.from_json(bank.get("support", {}), bank["bank"]),
+            bank=bank["bank"],
+            default_data_type=bank["default_data_type"],
+            config=config,
+            canary=json.loads((path / "canary.json").read_text()),
+            metrics=json.loads((path / "metrics.json").read_text()),
+            support=Support.from_json(bank.get("support", {}), bank["bank"]),
         )
     except ArtifactError:
         raise

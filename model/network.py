@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from model.features import CLS, MAX_WORDS_PER_LEAF, PAD, SEP
+from model.features import CLS, MAX_WORDS_PER_LEAF, PAD, SEP, Encoded
 from model.splits import MAX_CUTS
 
 POSITIONS = ("leaf", "sequence")
@@ -15,6 +16,9 @@ POSITIONS = ("leaf", "sequence")
 
 @dataclass
 class ModelConfig:
+    """The network's shape; its defaults are today's `small` model. An artifact carries
+    its own config: `from_dict` reads one made before a field existed as it was made."""
+
     vocab_size: int
     max_len: int = 64
     d_model: int = 64  # width of every token
@@ -23,23 +27,24 @@ class ModelConfig:
     d_ff: int = 128  # hidden width of each feed-forward block
     dropout: float = 0.0
     # bins of each number's quantile, one-hot-like (piecewise linear) into its token;
-    # 0: the value alone (artifacts made before quantiles)
-    num_bins: int = 0
-    # token ids below this are key paths, each with bins of its own (its levels are
-    # its own: RSI 70 is not volatility 0.65); 0: one set of bins shared by all paths
+    # 0: the value alone
+    num_bins: int = 32
+    # token ids below this are key paths, each with bins and cuts of its own (its
+    # levels are its own: RSI 70 is not volatility 0.65); 0: one set of bins shared by
+    # all paths, and no cuts
     num_paths: int = 0
     # where a token is: its place in its leaf, and its leaf's path on words ("leaf"), or
-    # its index in the sequence ("sequence": artifacts made before leaf places)
-    positions: str = "sequence"
+    # its index in the sequence ("sequence")
+    positions: str = "leaf"
     # beside the [CLS] head, a product of the mean context token and the mean action
     # token (each projected): every context feature times every action feature is one
-    # term to learn, as in a factorisation machine (False: artifacts made before it)
-    cross: bool = False
+    # term to learn, as in a factorisation machine
+    cross: bool = True
     # intervals between each path's cuts (the levels where the training rewards step),
-    # one embedding each per path (0: artifacts made before cuts)
-    num_cuts: int = 0
+    # one embedding each per path (used with num_paths)
+    num_cuts: int = MAX_CUTS + 1
     # networks of this config trained side by side from their own initial weights,
-    # the score their mean (1: one network, as artifacts made before members)
+    # the score their mean
     members: int = 1
 
     @classmethod
@@ -48,22 +53,30 @@ class ModelConfig:
     ) -> ModelConfig:
         """`small` trains in a minute or two on 2 CPU cores; `large` is meant for GPUs."""
         sizes = {
-            "small": {"num_bins": 32},
-            "large": {"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048, "num_bins": 32},
+            "small": {},
+            "large": {"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048},
         }
-        return cls(
-            vocab_size=vocab_size,
-            max_len=max_len,
-            num_paths=num_paths,
-            positions="leaf",
-            cross=True,
-            num_cuts=MAX_CUTS + 1 if num_paths else 0,
-            members=members,
-            **sizes[name],
-        )
+        return cls(vocab_size, max_len, num_paths=num_paths, members=members, **sizes[name])
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> ModelConfig:
+        """The config an artifact recorded; a field it lacks takes the value that meant
+        "without it" when the artifact was made (they were added one by one)."""
+        return cls(**(BEFORE_FIELDS | doc))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# What each field meant in an artifact made before the field existed.
+BEFORE_FIELDS = {
+    "num_bins": 0,
+    "num_paths": 0,
+    "positions": "sequence",
+    "cross": False,
+    "num_cuts": 0,
+    "members": 1,
+}
 
 
 class RewardModel(nn.Module):
@@ -200,3 +213,20 @@ def build(cfg: ModelConfig) -> RewardModel | RewardEnsemble:
     if cfg.members < 1:
         raise ValueError(f"members must be at least 1: {cfg.members}")
     return RewardModel(cfg) if cfg.members == 1 else RewardEnsemble(cfg)
+
+
+def to_tensors(enc: Encoded, reward: np.ndarray | None = None) -> list[torch.Tensor]:
+    """The network's inputs from an encoded batch (and the rewards, when given)."""
+    out = [
+        torch.from_numpy(enc.ids),
+        torch.from_numpy(enc.nums),
+        torch.from_numpy(enc.is_num),
+        torch.from_numpy(enc.segment),
+        torch.from_numpy(enc.quant),
+        torch.from_numpy(enc.place),
+        torch.from_numpy(enc.leaf),
+        torch.from_numpy(enc.cut),
+    ]
+    if reward is not None:
+        out.append(torch.as_tensor(reward, dtype=torch.float32))
+    return out

@@ -24,14 +24,18 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+
+from model.features import canonical_json
+from model.snapshot import DATA_TYPES, FORMAT_VERSION, SCHEMA, Manifest, sha256, write_table
 
 Doc = dict
 
 SYMBOLS = ["AAPL", "MSFT", "TSLA", "NVDA", "AMZN", "GOOGL", "META", "JPM"]
-DATA_TYPES = ["market_data", "user_feedback", "strategy_result"]
 REWARD_BOUNDS = (-1.0, 1.0)
 
 
@@ -540,3 +544,68 @@ class World:
 def behaviour_value(df: pd.DataFrame) -> float:
     """True mean reward of the logged actions (the behaviour policy's value)."""
     return float(df["true_reward"].mean())
+
+
+def write_snapshot(
+    folder: Path,
+    rows: int,
+    world: World | None = None,
+    days: float = 7.0,
+    end: datetime | None = None,
+    bad: BadRows | None = None,
+) -> Path:
+    """A snapshot folder (model.snapshot's format, as an export writes it) of `rows`
+    rows straight from the generator, without a database; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    world = world or World()
+    end = end or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    df = world.generate(rows, days=days, end=end, bad=bad).iloc[::-1]  # newest first
+    created = pa.array(df["created_at"], pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC"))
+    table = pa.table(
+        {
+            "id": df["id"],
+            "bot_id": df["bot"],
+            "bot": df["bot"],
+            "data_type": df["data_type"],
+            "input": [x if isinstance(x, str) else canonical_json(x) for x in df["input"]],
+            "input_ok": [isinstance(x, dict) for x in df["input"]],
+            "action": [canonical_json(a) for a in df["action"]],
+            "action_ok": [True] * len(df),
+            "reward": df["reward"],
+            "created_at": created,
+        },
+        schema=SCHEMA,
+    )
+    write_table(folder, table)
+    _manifest(df, world, rows, (end - timedelta(days=days), end), sha256(folder)).write(folder)
+    return folder
+
+
+def _manifest(df: pd.DataFrame, world: World, rows: int, window, digest: str) -> Manifest:
+    """A generated snapshot's manifest, as the export writes one."""
+
+    def utc(t) -> str:
+        return f"{t.isoformat()}+00:00"
+
+    readable = [isinstance(x, dict) for x in df["input"]]
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        rows=len(df),
+        null_reward_rows=int(df["reward"].isna().sum()),
+        bad_input_rows=readable.count(False),
+        bad_action_rows=0,
+        window={"since": utc(window[0]), "until": utc(window[1])},
+        watermark=utc(df["created_at"].max()) if len(df) else None,
+        oldest=utc(df["created_at"].min()) if len(df) else None,
+        layout="synthetic",
+        table="synthetic",
+        columns={},
+        query=f"World(seed={world.seed}, hard={world.hard}, only={world.only})",
+        limit=rows,
+        sha256=digest,
+        bots=df["bot"].value_counts().sort_index().to_dict(),
+        data_types=df["data_type"].value_counts().sort_index().to_dict(),
+        exported_at=datetime.now(UTC).isoformat(),
+        trainable_rows=int((df["reward"].notna().to_numpy() & np.array(readable)).sum()),
+    )

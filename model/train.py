@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -33,11 +32,13 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from model import artifact
+from model import artifact, config, snapshot
+from model.config import LaunchConfig, TrainConfig
 from model.evaluation import evaluate, synthetic_world
-from model.module import SCHEDULES, RewardRegressor, SnapshotDataModule, TrainConfig, ema
+from model.module import RewardRegressor, SnapshotDataModule, ema
 from model.network import ModelConfig
 from model.result import TrainResult
+from model.snapshot import Manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,40 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--snapshot", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
-    p.add_argument("--devices", type=int, default=1, help="processes (devices) per node")
-    p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--strategy", default="auto", help="auto: ddp when the world size is > 1")
-    p.add_argument("--precision", default=None, help="default: bf16-mixed on GPU, 32-true on CPU")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument(
-        "--ground-truth",
-        choices=["none", "synthetic", "synthetic-hard"],
-        default="none",
-        help="also report true policy values from the synthetic generator (or its hard world)",
-    )
-    p.add_argument("--drift-at", default=None, help="drift date of that generator (ISO)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true")
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
-            choices = SCHEDULES if f.name == "schedule" else None
-            p.add_argument(flag, type=kind, default=None, choices=choices)
+    config.add_options(p)  # every field of LaunchConfig and TrainConfig
     return p.parse_args(argv)
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    # an option not given is None (a flag: False); 0 is a value (`0 in (None, False)`
-    # is true, so compare by identity)
-    given = {
-        f.name: v
-        for f in fields(TrainConfig)
-        if (v := getattr(args, f.name)) is not None and v is not False
-    }
-    return TrainConfig(**given)
 
 
 def _on_gpu(accelerator: str) -> bool:
@@ -89,11 +58,11 @@ def _on_gpu(accelerator: str) -> bool:
 
 
 def build_trainer(
-    args: argparse.Namespace, cfg: TrainConfig, train_rows: int
+    out: Path, launch: LaunchConfig, cfg: TrainConfig, train_rows: int
 ) -> tuple[L.Trainer, ModelCheckpoint]:
-    gpu = _on_gpu(args.accelerator)
-    world = args.devices * args.num_nodes
-    strategy = args.strategy
+    gpu = _on_gpu(launch.accelerator)
+    world = launch.devices * launch.num_nodes
+    strategy = launch.strategy
     if strategy == "auto" and world > 1:
         strategy = "ddp"
     # The weights the schedule ends on (averaged) become the artifact, not those of the
@@ -103,7 +72,7 @@ def build_trainer(
     # of the hard world's gap where the last epoch closed 0.75). Validation still stops
     # a long training early (patience) and is reported.
     checkpoint = ModelCheckpoint(
-        dirpath=args.out / "checkpoints",
+        dirpath=out / "checkpoints",
         monitor=None,
         save_top_k=1,
         filename="epoch-{epoch}-{val_loss:.4f}",
@@ -111,19 +80,19 @@ def build_trainer(
     callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience)]
     if cfg.ema_decay > 0:
         callbacks.append(WeightAveraging(avg_fn=ema(cfg.ema_decay)))
-    if args.progress:
+    if launch.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu",
-        devices=args.devices,
-        num_nodes=args.num_nodes,
+        devices=launch.devices,
+        num_nodes=launch.num_nodes,
         strategy=strategy,
-        precision=args.precision or ("bf16-mixed" if gpu else "32-true"),
+        precision=launch.precision or ("bf16-mixed" if gpu else "32-true"),
         max_epochs=cfg.epochs(train_rows, world),
         callbacks=callbacks,
-        logger=TensorBoardLogger(args.out / "runs", name="train"),
+        logger=TensorBoardLogger(out / "runs", name="train"),
         deterministic=True,
-        enable_progress_bar=args.progress,
+        enable_progress_bar=launch.progress,
         enable_model_summary=False,
         log_every_n_steps=10,
         gradient_clip_val=cfg.gradient_clip or None,
@@ -131,25 +100,25 @@ def build_trainer(
     return trainer, checkpoint
 
 
-def _threads(args: argparse.Namespace) -> int:
-    if args.threads:
-        return args.threads
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", args.devices))
+def _threads(launch: LaunchConfig) -> int:
+    if launch.threads:
+        return launch.threads
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", launch.devices))
     return max(1, (os.cpu_count() or 1) // max(1, local))
 
 
-def run(args: argparse.Namespace) -> TrainResult | None:
-    cfg = train_config(args)
-    torch.set_num_threads(_threads(args))
+def run(snap: Path, out: Path, launch: LaunchConfig, cfg: TrainConfig) -> TrainResult | None:
+    """Train on `snap` into `out`; rank 0 returns the result, the other ranks None."""
+    torch.set_num_threads(_threads(launch))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = SnapshotDataModule(args.snapshot, cfg)
+    data = SnapshotDataModule(snap, cfg)
     data.setup("fit")
     fz = data.featurizer
     model_cfg = ModelConfig.preset(
         cfg.preset, fz.vocab_size, fz.max_len, fz.word_offset, members=cfg.members
     )
     module = RewardRegressor(model_cfg.to_dict(), cfg.to_dict())
-    trainer, checkpoint = build_trainer(args, cfg, len(data.train_df))
+    trainer, checkpoint = build_trainer(out, launch, cfg, len(data.train_df))
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
@@ -159,102 +128,106 @@ def run(args: argparse.Namespace) -> TrainResult | None:
     )
     net = kept.net.float().cpu().eval()
     canary = artifact.canary_rows(data.holdout_df if len(data.holdout_df) else data.val_df)
-    scores = artifact.AgentModel(net, fz, {}, {}, {}, [], {}).score(
-        [(c["bot"], c["data_type"], c["input"], c["action"]) for c in canary]
+    _write_rank_canaries(out, trainer, artifact.AgentModel(net, fz).score(artifact.pairs(canary)))
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return None
+    bank = artifact.action_bank(data.train_df)
+    support = _support(data, bank, cfg, trainer)
+    probe = artifact.AgentModel(
+        net,
+        fz,
+        bank,
+        artifact.default_data_types(data.train_df),
+        support=artifact.Support.from_json(support, bank),
     )
+    world = (
+        synthetic_world(launch.drift_at, hard=launch.ground_truth == "synthetic-hard")
+        if launch.ground_truth != "none"
+        else None
+    )
+    metrics = _metrics(probe, data, world) | _figures(data, trainer, seconds)
+    config_doc = {
+        "model": model_cfg.to_dict(),
+        "train": cfg.to_dict(),
+        "snapshot": _lineage(snap),
+        "trainer": _trainer(trainer, launch),
+    }
+    path = artifact.save(out / "artifact", probe, config_doc, canary, metrics, support)
+    result = TrainResult(path, out / "runs", metrics, config_doc)
+    result.write(out)
+    return result
+
+
+def _write_rank_canaries(out: Path, trainer: L.Trainer, scores) -> None:
+    """Each rank's canary scores (the ranks must agree: one model, not several)."""
     rank = trainer.global_rank
-    (args.out / "ranks").mkdir(parents=True, exist_ok=True)
-    (args.out / "ranks" / f"{rank}.json").write_text(
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
+    (out / "ranks" / f"{rank}.json").write_text(
         json.dumps(
             {"rank": rank, "world_size": trainer.world_size, "canary_scores": scores.tolist()}
         )
     )
-    trainer.strategy.barrier()
-    if not trainer.is_global_zero:
-        return None
-    return _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds)
 
 
-def _finish(args, cfg, model_cfg, data, net, canary, trainer, seconds) -> TrainResult:
-    """Rank 0: evaluate on the holdout and write the artifact and result."""
-    bank = artifact.action_bank(data.train_df)
-    default_dt = artifact.default_data_types(data.train_df)
-    world = (
-        synthetic_world(args.drift_at, hard=args.ground_truth == "synthetic-hard")
-        if args.ground_truth != "none"
-        else None
-    )
-    val_loss = float(trainer.callback_metrics["val_loss"])  # of the weights kept
-    # the ranking's lower bound: the validation error is the noise of one reward
-    support = {
+def _support(data: SnapshotDataModule, bank: dict, cfg: TrainConfig, trainer: L.Trainer) -> dict:
+    """What the ranking's lower bound needs (see artifact.Support): how many rows show
+    each bank action, the pessimism, and the noise of one reward (the validation error)."""
+    return {
         "counts": artifact.bank_counts(data.train_df, bank),
         "pessimism": cfg.pessimism,
-        "noise_sd": val_loss**0.5,
+        "noise_sd": float(trainer.callback_metrics["val_loss"]) ** 0.5,  # of the weights kept
     }
-    probe = artifact.AgentModel(
-        net,
-        data.featurizer,
-        bank,
-        default_dt,
-        {},
-        [],
-        {},
-        artifact.Support.from_json(support, bank),
-    )
-    train_mean = float(data.train_df["reward"].mean())
-    metrics = evaluate(probe, data.holdout_df, train_mean, world) if len(data.holdout_df) else {}
+
+
+def _metrics(probe: artifact.AgentModel, data: SnapshotDataModule, world) -> dict:
+    """The holdout evaluation (empty without a holdout)."""
+    if not len(data.holdout_df):
+        return {}
+    return evaluate(probe, data.holdout_df, float(data.train_df["reward"].mean()), world)
+
+
+def _figures(data: SnapshotDataModule, trainer: L.Trainer, seconds: float) -> dict:
     samples = len(data.train_df) * trainer.current_epoch
-    metrics |= {
+    return {
         "train_rows": len(data.train_df),
         "val_rows": len(data.val_df),
         "epochs": trainer.current_epoch,
         "train_seconds": seconds,
         "samples_per_s": samples / seconds if seconds else 0.0,
-        "val_loss": val_loss,
+        "val_loss": float(trainer.callback_metrics["val_loss"]),
         # numbers in the training rows that were NaN, infinite or beyond float range
         "missing_numbers": data.featurizer.missing_numbers,
     }
-    manifest = json.loads((args.snapshot / "manifest.json").read_text())
-    config = {
-        "model": model_cfg.to_dict(),
-        "train": cfg.to_dict(),
-        "snapshot": {
-            "path": str(args.snapshot),
-            "sha256": manifest.get("sha256"),
-            "rows": manifest.get("rows"),
-            "window": manifest.get("window"),
-        },
-        "trainer": {
-            "world_size": trainer.world_size,
-            "num_nodes": args.num_nodes,
-            "devices": args.devices,
-            "precision": str(trainer.precision),
-            "accelerator": type(trainer.accelerator).__name__,
-        },
+
+
+def _lineage(snap: Path) -> dict:
+    m = Manifest.read(snap)
+    return {"path": str(snap), "sha256": m.sha256, "rows": m.rows, "window": m.window}
+
+
+def _trainer(trainer: L.Trainer, launch: LaunchConfig) -> dict:
+    return {
+        "world_size": trainer.world_size,
+        "num_nodes": launch.num_nodes,
+        "devices": launch.devices,
+        "precision": str(trainer.precision),
+        "accelerator": type(trainer.accelerator).__name__,
     }
-    path = artifact.save(
-        args.out / "artifact",
-        net,
-        data.featurizer,
-        bank,
-        default_dt,
-        config,
-        canary,
-        metrics,
-        support,
-    )
-    result = TrainResult(path, args.out / "runs", metrics, config)
-    result.write(args.out)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not (args.snapshot / "data.parquet").is_file():
-        print(f"no snapshot at {args.snapshot} (data.parquet missing)", file=sys.stderr)
+    if not snapshot.exists(args.snapshot):
+        print(f"no snapshot at {args.snapshot} ({snapshot.DATA} missing)", file=sys.stderr)
+        return 2
+    try:
+        launch, cfg = config.parse(args)
+    except ValueError as exc:
+        print(f"python -m model.train: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
+    result = run(args.snapshot, args.out, launch, cfg)
     if result is not None:
         m = result.metrics
         keys = [

@@ -18,7 +18,7 @@ from bootstrap import ensure_env, exec_in_env, venv_bin
 def main() -> int:
     ensure_env()
     # The seeded data comes from the synthetic generator: report true policy values too.
-    os.environ.setdefault("VALIFI_TRAIN_SYNTHETIC_GROUND_TRUTH", "true")
+    os.environ.setdefault("VALIFI_TRAIN_GROUND_TRUTH", "synthetic")
     valifi = venv_bin("valifi")
     steps = [
         [valifi, "stack", "up"],

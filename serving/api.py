@@ -25,12 +25,13 @@ from fastapi.responses import JSONResponse
 
 from core.registry import Registry
 from core.settings import ALIAS, Settings
+from model.decision import Query, decide
 from serving import metrics
 from serving.batching import DrainingBatchedLoop
+from serving.follower import AliasFollower
 from serving.knowledge import KnowledgeBase
 from serving.requests import PredictRequest
 from serving.status import STATUS_DIR_ENV, worker_status
-from serving.watcher import Watcher
 
 log = logging.getLogger("valifi.serving")
 
@@ -59,15 +60,9 @@ def _error(status: int, message: str, served=None, headers=None, **extra) -> JSO
     )
 
 
-def _describe(action: dict) -> str:
-    name = action.get("action", json.dumps(action, sort_keys=True))
-    extra = ", ".join(f"{k} {v}" for k, v in sorted(action.items()) if k != "action")
-    return f"{name} ({extra})" if extra else str(name)
-
-
 class AgentAPI(ls.LitAPI):
     def setup(self, device):
-        # Registry calls from a worker fail fast: the watcher retries on its next poll.
+        # Registry calls from a worker fail fast: the alias follower retries on its next poll.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.settings = Settings()
@@ -78,7 +73,7 @@ class AgentAPI(ls.LitAPI):
         self.worker = str(os.getpid())
         registry = Registry(self.settings.mlflow_tracking_uri, self.name)
         status_dir = os.environ.get(STATUS_DIR_ENV)
-        self.watcher = Watcher(
+        self.follower = AliasFollower(
             registry.champion,
             lambda version: registry.download(version, self.settings.serving_cache),
             self.settings.serve.poll_interval_s,
@@ -86,8 +81,8 @@ class AgentAPI(ls.LitAPI):
             Path(status_dir) / f"{self.worker}.json" if status_dir else None,
             device=device,
         )
-        self.watcher.sync_once()  # serve the current Production from the first request
-        self.watcher.start()
+        self.follower.sync_once()  # serve the current Production from the first request
+        self.follower.start()
 
     def _on_reload(self, outcome: str, version: str) -> None:
         metrics.RELOADS.labels(outcome, version).inc()
@@ -99,7 +94,7 @@ class AgentAPI(ls.LitAPI):
         return request
 
     def predict(self, batch: list[PredictRequest]) -> list:
-        served = self.watcher.served  # read once: the whole batch uses this model
+        served = self.follower.served  # read once: the whole batch uses this model
         metrics.BATCH_SIZE.observe(len(batch))
         routed = [self._route(r, served) for r in batch]
         out: list = [None] * len(batch)
@@ -155,7 +150,7 @@ class AgentAPI(ls.LitAPI):
         if served is None:
             reason = (
                 "no model promoted yet"
-                if self.watcher.status.registry_reachable
+                if self.follower.status.registry_reachable
                 else "no model loaded: the model registry is unreachable"
             )
             return _error(503, reason)
@@ -180,49 +175,8 @@ class AgentAPI(ls.LitAPI):
         return out
 
     def _execute(self, reqs: list[PredictRequest], served) -> list[dict]:
-        queries = []
-        for r in reqs:
-            doc = {"task": r.task, **{k: v for k, v in r.context.items() if k != "candidates"}}
-            queries.append((r.agent_type, doc, r.context.get("candidates")))
-        data_types = [
-            r.context.get("data_type") if isinstance(r.context.get("data_type"), str) else None
-            for r in reqs
-        ]
-        answers = []
-        for (agent, _, cands), ranked in zip(
-            queries, served.model.rank_many(queries, data_types), strict=True
-        ):
-            best, rest = ranked[0], ranked[1:]
-            answers.append(
-                {
-                    "type": "execution",
-                    "agent": agent,
-                    "status": "completed",
-                    "result": {
-                        "action": best.action,
-                        "expected_reward": round(best.score, 6),
-                        "lower_bound": round(best.lower, 6),
-                        "runners_up": [
-                            {
-                                "action": r.action,
-                                "expected_reward": round(r.score, 6),
-                                "lower_bound": round(r.lower, 6),
-                            }
-                            for r in rest[:5]
-                        ],
-                        "candidates": "context" if cands else "action bank",
-                    },
-                    "answer": f"{agent} recommends {_describe(best.action)} "
-                    f"(expected reward {best.score:+.3f}"
-                    + (
-                        f"; next best {_describe(rest[0].action)} at {rest[0].score:+.3f})"
-                        if rest
-                        else ")"
-                    ),
-                    "model_version": served.version,
-                }
-            )
-        return answers
+        queries = [Query.of(r.agent_type, r.task, r.context) for r in reqs]
+        return [a | {"model_version": served.version} for a in decide(served.model, queries)]
 
     # -- info --
     def _info(self, req: PredictRequest, served) -> dict:
@@ -271,7 +225,7 @@ class AgentAPI(ls.LitAPI):
         return f"Valifi runs {len(names)} agents: " + "; ".join(parts) + ".", data
 
     def _status_answer(self, served) -> tuple[str, dict]:
-        st = self.watcher.status
+        st = self.follower.status
         uptime = time.time() - self.started
         status = {
             "model": self.name,

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 MODEL = "valifi-agent-client-tests"
 
 
 def main() -> int:
     from core.registry import Registry
-    from tests.helpers import _SESSION_DIR, own_mlflow, register_small
+    from model.synthetic import World, write_snapshot
+    from valifi.experiments import own_mlflow, register, train
 
-    with own_mlflow() as uri:
-        version = register_small(uri, MODEL, _SESSION_DIR / "train", seed=1)
+    with tempfile.TemporaryDirectory(prefix="valifi-client-") as tmp, own_mlflow(tmp) as uri:
+        root = Path(tmp)
+        snap = write_snapshot(root / "snap", 1500, World(seed=1))
+        out = train(snap, root / "train", 1, "--max-epochs", "2")
+        version = register(uri, MODEL, out, snap)
         Registry(uri, MODEL).promote(version, "client tests")
         info = {"tracking_uri": uri, "model": MODEL, "empty_model": f"{MODEL}-unpromoted"}
         print(json.dumps(info), flush=True)

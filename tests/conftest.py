@@ -12,15 +12,39 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
 
-from tests.helpers import _SESSION_DIR, STACK_ENV, valifi
+from valifi.experiments import free_port
+
+# The test session's own stack: ports and folders of its own, set before any test
+# module imports Prefect or MLflow (both read their settings early). Flows called
+# in-process and `valifi` subprocesses alike then talk to these services.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="valifi-tests-"))
+STACK_ENV = {
+    "VALIFI_TEST_SESSION_DIR": str(_SESSION_DIR),
+    "VALIFI_DATA_DIR": str(_SESSION_DIR / "stack"),
+    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+    "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
+    "PREFECT_HOME": str(_SESSION_DIR / "prefect-client"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+    "VALIFI_RETRY_DELAYS_S": "[0.2, 0.2]",
+    "VALIFI_WATCH_WINDOW_S": "0",  # tests that watch a server set their own
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+for _var in ("DATABASE_URL", "PYTHON_AGENT_URL"):
+    os.environ.pop(_var, None)
+os.environ.update(STACK_ENV)
+
+from tests.helpers import valifi  # noqa: E402 (after the environment is set)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,62 +1,181 @@
-"""The `valifi` command. Heavy libraries are imported inside the commands that need them."""
+"""The `valifi` command: typed functions made into commands by typer. Heavy libraries are
+imported inside the commands that need them; the help texts show the settings' own
+defaults (core/settings.py), read from their declarations."""
 
 from __future__ import annotations
 
-import argparse
+import functools
 import os
 import sys
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
-from core.settings import Settings
+import typer
+
+from core.settings import ExportSpec, Settings, WatchSpec
+
+app = typer.Typer(
+    help="Turns the bots' logged decisions into a model retrained nightly, gated, "
+    "registered and hot-swapped into the agent server.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_debug = {"on": False}
 
 
-def _stack(args: argparse.Namespace, settings: Settings) -> int:
-    from valifi import stack
+def _default(section: type, name: str) -> str:
+    """A setting's declared default, for a help text."""
+    value = section.model_fields[name].default
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
-    if args.action == "up":
-        for s in stack.up(settings, with_apps=args.apps):
+
+def _settings() -> Settings:
+    """The settings of this invocation; the libraries and every process started from here
+    read the services from the environment, so settings are their one source."""
+    settings = Settings()
+    os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+    return settings
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option(help="show tracebacks")] = False) -> None:
+    _debug["on"] = debug
+
+
+def command(name: str | None = None, **kw):
+    """`app.command`, for a function that returns its exit status: an exception ends the
+    command with its message instead of a traceback (`--debug` shows it)."""
+
+    def register(fn):
+        shown = name or fn.__name__
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                code = fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort):
+                raise
+            except Exception as exc:
+                if _debug["on"]:
+                    raise
+                print(f"valifi {shown}: error: {exc}", file=sys.stderr)
+                raise typer.Exit(1) from None
+            if code:
+                raise typer.Exit(code)
+
+        return app.command(shown, **kw)(run)
+
+    return register
+
+
+def _registry(settings: Settings):
+    from core.registry import Registry
+
+    return Registry(settings.mlflow_tracking_uri, settings.model_name)
+
+
+# --- the local stack -------------------------------------------------------------------
+
+
+class StackAction(StrEnum):
+    up = "up"
+    status = "status"
+    down = "down"
+
+
+@command()
+def stack(
+    action: StackAction,
+    apps: Annotated[
+        bool, typer.Option(help="with up: also start the Prefect worker and the agent server")
+    ] = False,
+) -> int:
+    """Start, inspect or stop the local services."""
+    from valifi import stack as local
+
+    settings = _settings()
+    if action is StackAction.up:
+        for s in local.up(settings, with_apps=apps):
             print(s.line())
         print(f"data, logs and pids under {settings.data_dir}")
-    elif args.action == "status":
-        states = stack.status(settings)
+    elif action is StackAction.status:
+        states = local.status(settings)
         for s in states:
             print(s.line())
         return 0 if all(s.state in ("running", "embedded", "external") for s in states) else 3
     else:
-        stopped = stack.down(settings, only_apps=args.apps)
+        stopped = local.down(settings, only_apps=apps)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
 
-def _seed_data(args: argparse.Namespace, settings: Settings) -> int:
-    from model.synthetic import BadRows, World
-    from valifi import stack
-    from valifi.seed import seed
+# --- data ----------------------------------------------------------------------------
 
-    drift = datetime.fromisoformat(args.drift_at) if args.drift_at else None
-    end = datetime.fromisoformat(args.end) if args.end else None
-    bad = BadRows(args.bad_null, args.bad_range, args.bad_malformed)
-    mode = (
-        "replace"
-        if args.replace
-        else "append"
-        if args.append
-        else "if-empty"
-        if args.if_empty
-        else "refuse"
-    )
-    result = seed(
-        stack.database_url(settings),
-        args.rows,
-        days=args.days,
-        layout=args.layout,
-        world=World(seed=args.seed, drift_at=drift, hard=args.world == "hard"),
-        bad=bad,
+
+class Layout(StrEnum):
+    app = "app"
+    design = "design"
+
+
+class WorldKind(StrEnum):
+    default = "default"
+    hard = "hard"
+
+
+@command("seed-data")
+def seed_data(
+    rows: int = 10_000,
+    days: float = 7.0,
+    layout: Layout = Layout.app,
+    seed: int = 0,
+    end: Annotated[str | None, typer.Option(help="time of the newest row (ISO, UTC)")] = None,
+    drift_at: Annotated[
+        str | None, typer.Option(help="rewards follow the shifted regime from this time (ISO)")
+    ] = None,
+    world: Annotated[
+        WorldKind,
+        typer.Option(
+            help="hard: more and parameterised actions, noisier rewards, a rarely explored "
+            "best action"
+        ),
+    ] = WorldKind.default,
+    bad_null: Annotated[float, typer.Option(help="fraction with NULL reward")] = 0.0,
+    bad_range: Annotated[float, typer.Option(help="fraction out of range")] = 0.0,
+    bad_malformed: Annotated[float, typer.Option(help="fraction malformed")] = 0.0,
+    append: Annotated[bool, typer.Option(help="add to an existing table")] = False,
+    replace: Annotated[bool, typer.Option(help="drop and recreate the table")] = False,
+    if_empty: Annotated[
+        bool, typer.Option(help="seed only when the table is missing or empty; else leave it")
+    ] = False,
+) -> int:
+    """Fill bot_training_data with synthetic interactions."""
+    from model.synthetic import BadRows, World
+    from valifi import stack as local
+    from valifi.seed import seed as fill
+
+    if append + replace + if_empty > 1:
+        raise typer.BadParameter("--append, --replace and --if-empty exclude each other")
+    settings = _settings()
+    mode = "replace" if replace else "append" if append else "if-empty" if if_empty else "refuse"
+    result = fill(
+        local.database_url(settings),
+        rows,
+        days=days,
+        layout=layout.value,
+        world=World(
+            seed=seed,
+            drift_at=datetime.fromisoformat(drift_at) if drift_at else None,
+            hard=world is WorldKind.hard,
+        ),
+        bad=BadRows(bad_null, bad_range, bad_malformed),
         mode=mode,
         table=settings.export.table,
         bots_table=settings.export.bots_table,
-        end=end,
+        end=datetime.fromisoformat(end) if end else None,
     )
     if result.rows == 0:
         print(f"{settings.export.table} already holds data; left as it is")
@@ -68,16 +187,47 @@ def _seed_data(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace, settings: Settings) -> int:
-    from flows.export import InsufficientData, Manifest, export_snapshot
-    from valifi import stack
+def _window_options(**given) -> dict:
+    return {k: v for k, v in given.items() if v is not None}
 
-    given = {"days": args.days, "limit": args.limit, "min_rows": args.min_rows}
-    spec = settings.export.model_copy(update={k: v for k, v in given.items() if v is not None})
+
+DaysOption = Annotated[
+    float | None,
+    typer.Option(help=f"window in days (VALIFI_EXPORT_DAYS, {_default(ExportSpec, 'days')})"),
+]
+LimitOption = Annotated[
+    int | None,
+    typer.Option(
+        help=f"newest rows at most (VALIFI_EXPORT_LIMIT, {_default(ExportSpec, 'limit')})"
+    ),
+]
+MinRowsOption = Annotated[
+    int | None,
+    typer.Option(
+        help=f"fewer trainable rows than this is too few (VALIFI_EXPORT_MIN_ROWS, "
+        f"{_default(ExportSpec, 'min_rows')})"
+    ),
+]
+
+
+@command()
+def export(
+    out: Annotated[Path | None, typer.Option(help="folder to create the snapshot in")] = None,
+    days: DaysOption = None,
+    limit: LimitOption = None,
+    min_rows: MinRowsOption = None,
+) -> int:
+    """Export bot_training_data into a Parquet snapshot."""
+    from flows.export import InsufficientData, export_snapshot
+    from model.snapshot import Manifest
+    from valifi import stack as local
+
+    settings = _settings()
+    spec = settings.export.model_copy(
+        update=_window_options(days=days, limit=limit, min_rows=min_rows)
+    )
     try:
-        snap = export_snapshot(
-            stack.database_url(settings), spec, args.out or settings.snapshots_dir
-        )
+        snap = export_snapshot(local.database_url(settings), spec, out or settings.snapshots_dir)
     except InsufficientData as exc:
         print(f"valifi export: {exc}", file=sys.stderr)
         return 2
@@ -86,21 +236,36 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _validate(args: argparse.Namespace, settings: Settings) -> int:
-    from flows.validate import accept, validate_snapshot
+@command()
+def validate(
+    snapshot: Path,
+    min_rows: MinRowsOption = None,
+    accept: Annotated[
+        bool,
+        typer.Option(
+            help="accept the change in shares that failed this snapshot as real (needs "
+            "--reason); the next run compares with it"
+        ),
+    ] = False,
+    reason: Annotated[str | None, typer.Option(help="with --accept: why the mix is real")] = None,
+) -> int:
+    """Validate a snapshot with the expectation suite (or accept its new mix)."""
+    from flows.validate import accept as accept_mix
+    from flows.validate import validate_snapshot
 
-    if args.accept:
+    settings = _settings()
+    if accept:
         from core.registry import whoami
 
-        record = accept(args.snapshot, args.reason or "", whoami())
+        record = accept_mix(snapshot, reason or "", whoami())
         print(
             f"accepted by {record['by']} at {record['at']}: {record['reason']}\n"
             + "\n".join(f"- {line}" for line in record["accepted"])
-            + f"\nthe next run compares the shares with {args.snapshot}"
+            + f"\nthe next run compares the shares with {snapshot}"
         )
         return 0
-    min_rows = settings.export.min_rows if args.min_rows is None else args.min_rows
-    result = validate_snapshot(args.snapshot, settings.validation, min_rows)
+    floor = settings.export.min_rows if min_rows is None else min_rows
+    result = validate_snapshot(snapshot, settings.validation, floor)
     if result.success:
         print(f"validation passed: {result.evaluated} expectations; {result.compared()}")
     else:
@@ -109,49 +274,111 @@ def _validate(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.success else 1
 
 
-def _train(args: argparse.Namespace, settings: Settings) -> int:
-    from valifi import stack
+# --- training and the registry ------------------------------------------------------
 
+
+@command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    days: DaysOption = None,
+    limit: LimitOption = None,
+    min_rows: MinRowsOption = None,
+    devices: Annotated[int | None, typer.Option(help="training processes per node")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="nodes training one model")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="epochs (default: the model's)")] = None,
+) -> int:
+    """Run the train flow once against the configured services; options after `--` go to
+    `python -m model.train` (e.g. `-- --preset large`)."""
+    from valifi import stack as local
+
+    settings = _settings()
     # The flow reads the database from settings; the embedded one is started here.
-    os.environ["DATABASE_URL"] = stack.database_url(settings)
-    from flows.pipeline import train
+    os.environ["DATABASE_URL"] = local.database_url(settings)
+    from flows.pipeline import train as train_flow
 
-    extra = [a for a in (args.train_args or []) if a != "--"]
-    state = train(
-        days=args.days,
-        limit=args.limit,
-        min_rows=args.min_rows,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        max_epochs=args.max_epochs,
-        train_args=extra,
+    state = train_flow(
+        days=days,
+        limit=limit,
+        min_rows=min_rows,
+        devices=devices,
+        num_nodes=num_nodes,
+        max_epochs=max_epochs,
+        train_args=[a for a in ctx.args if a != "--"],
         return_state=True,
     )
     print(f"{state.name}: {state.message}")
     return 0 if state.is_completed() else 1
 
 
-def _promote(args: argparse.Namespace, settings: Settings) -> int:
-    record = _registry(settings).promote(args.version, args.reason, **_expect(args))
+ExpectOption = Annotated[
+    str | None,
+    typer.Option(help="move only if Production holds this version (or 'none')"),
+]
+ReasonOption = Annotated[str, typer.Option(help="why; recorded in the audit trail")]
+
+
+def _expect(expect: str | None) -> dict:
+    """`--expect V` (or `none`): the version Production must hold for the move to happen."""
+    if expect is None:
+        return {}
+    return {"expected": None if expect.lower() == "none" else expect}
+
+
+@command()
+def promote(
+    version: str,
+    reason: ReasonOption,
+    expect: ExpectOption = None,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            help="then watch it on the agent server as a nightly run does, and move "
+            f"Production back on a breach (VALIFI_WATCH_*, window "
+            f"{_default(WatchSpec, 'window_s')} s)"
+        ),
+    ] = False,
+) -> int:
+    """Move Production to a version (after a load check)."""
+    settings = _settings()
+    registry = _registry(settings)
+    record = registry.promote(version, reason, **_expect(expect))
     print(f"Production: v{record['from']} -> v{record['to']} ({record['why']}, by {record['by']})")
+    if not watch:
+        return 0
+    from core.registry import whoami
+    from flows.watch import watch_and_rollback
+
+    watched = watch_and_rollback(
+        registry,
+        settings.python_agent_url,
+        record["to"],
+        record["from"],
+        settings.watch,
+        by=whoami(),
+        move_id=f"{record['id']}:rollback",
+        log=print,
+    )
+    if watched["rolled_back_to"]:
+        print(f"rolled back to v{watched['rolled_back_to']}: {watched['reason']}")
+        return 1
+    print(f"watched: {watched['reason']}")
     return 0
 
 
-def _registry(settings: Settings):
-    from core.registry import Registry
-
-    return Registry(settings.mlflow_tracking_uri, settings.model_name)
-
-
-def _expect(args: argparse.Namespace) -> dict:
-    """`--expect V` (or `none`): the version Production must hold for the move to happen."""
-    if args.expect is None:
-        return {}
-    return {"expected": None if args.expect.lower() == "none" else args.expect}
-
-
-def _rollback(args: argparse.Namespace, settings: Settings) -> int:
-    record = _registry(settings).rollback(args.reason, args.to, **_expect(args))
+@command()
+def rollback(
+    reason: ReasonOption,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            help="version to roll back to (default: the last one before the current that "
+            "was not itself rolled back from)"
+        ),
+    ] = None,
+    expect: ExpectOption = None,
+) -> int:
+    """Move Production back (to the previous one by default)."""
+    record = _registry(_settings()).rollback(reason, to, **_expect(expect))
     print(
         f"Production rolled back: v{record['from']} -> v{record['to']} ({record['why']}, "
         f"by {record['by']})"
@@ -159,18 +386,30 @@ def _rollback(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace, settings: Settings) -> int:
+# --- serving --------------------------------------------------------------------------
+
+
+@command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="default: VALIFI_SERVE_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="default: the port of PYTHON_AGENT_URL")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="inference workers (default: VALIFI_SERVE_WORKERS)")
+    ] = None,
+) -> int:
+    """Run the agent server (POST /predict)."""
     import shutil
     import time
 
-    port = args.port or settings.local_port(settings.python_agent_url) or 8000
-    if args.workers:  # the worker processes read settings from the environment
-        os.environ["VALIFI_SERVE_WORKERS"] = str(args.workers)
-        settings.serve.workers = args.workers
+    from serving.status import STATUS_DIR_ENV
+    from valifi.supervise import supervise
+
+    settings = _settings()
+    port = port or settings.local_port(settings.python_agent_url) or 8000
+    if workers:  # the worker processes read settings from the environment
+        os.environ["VALIFI_SERVE_WORKERS"] = str(workers)
     # Every process of the server writes its metrics and status here; /metrics and
     # /status add them up.
-    from serving.status import STATUS_DIR_ENV
-
     for kind, var in (("metrics", "PROMETHEUS_MULTIPROC_DIR"), ("status", STATUS_DIR_ENV)):
         folder = settings.data_dir / f"serving-{kind}" / str(port)
         shutil.rmtree(folder, ignore_errors=True)
@@ -178,25 +417,27 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         os.environ[var] = str(folder)
     os.environ["VALIFI_SERVER_STARTED_AT"] = str(time.time())
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from valifi.supervise import supervise
-
-    host = args.host or settings.serve.host
-    cmd = [sys.executable, "-m", "serving", host, str(port)]
+    cmd = [sys.executable, "-m", "serving", host or settings.serve.host, str(port)]
     return supervise(cmd, dict(os.environ), Path(os.environ[STATUS_DIR_ENV]))
 
 
-def _health(args: argparse.Namespace, settings: Settings) -> int:
+@command()
+def health(
+    url: Annotated[str | None, typer.Option(help="default: PYTHON_AGENT_URL")] = None,
+    timeout: float = 10.0,
+    require_model: Annotated[
+        bool, typer.Option(help="also unhealthy when no model is serving")
+    ] = False,
+) -> int:
+    """Ask a running server for its status; exit 1 if unhealthy."""
     import httpx
 
-    url = (args.url or settings.python_agent_url).rstrip("/")
+    settings = _settings()
+    url = (url or settings.python_agent_url).rstrip("/")
     headers = {"X-API-Key": settings.serve.api_key} if settings.serve.api_key else {}
+    question = {"task": "What is the system status?", "query_type": "info"}
     try:
-        r = httpx.post(
-            f"{url}/predict",
-            json={"task": "What is the system status?", "query_type": "info"},
-            headers=headers,
-            timeout=args.timeout,
-        )
+        r = httpx.post(f"{url}/predict", json=question, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         print(f"unhealthy: {url} did not answer: {exc}", file=sys.stderr)
         return 1
@@ -205,12 +446,11 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     body = r.json()
     print(body.get("answer", ""))
-    status = body.get("data", {})
-    if args.require_model and not status.get("version"):
+    if require_model and not body.get("data", {}).get("version"):
         print("unhealthy: no model is serving", file=sys.stderr)
         return 1
     try:
-        workers = httpx.get(f"{url}/status", headers=headers, timeout=args.timeout).json()
+        workers = httpx.get(f"{url}/status", headers=headers, timeout=timeout).json()
     except (httpx.HTTPError, ValueError) as exc:
         print(f"unhealthy: {url}/status did not answer: {exc}", file=sys.stderr)
         return 1
@@ -220,149 +460,37 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _deploy(args: argparse.Namespace, settings: Settings) -> int:
-    from valifi.deploy import deploy
+# --- deployment -------------------------------------------------------------------------
 
-    for line in deploy(settings):
+
+@command()
+def deploy() -> int:
+    """Create or update the work pool and train/nightly."""
+    from valifi.deploy import deploy as apply
+
+    for line in apply(_settings()):
         print(line)
     print("run it now with: prefect deployment run train/nightly")
     return 0
 
 
-def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from valifi import stack
+@command()
+def worker() -> int:
+    """Run a Prefect worker for the valifi-process pool."""
+    from valifi import stack as local
     from valifi.deploy import ROOT, worker_command
 
+    settings = _settings()
     cmd, env = worker_command(settings)
-    env["DATABASE_URL"] = stack.database_url(settings)  # the flows it runs read this
+    env["DATABASE_URL"] = local.database_url(settings)  # the flows it runs read this
     os.chdir(ROOT)
     os.execvpe(cmd[0], cmd, env)  # the worker replaces this process
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="valifi", description=__doc__)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("stack", help="start, inspect or stop the local services")
-    s.add_argument("action", choices=["up", "status", "down"])
-    s.add_argument(
-        "--apps",
-        action="store_true",
-        help="with up: also start the Prefect worker and the agent server",
-    )
-    s.set_defaults(func=_stack)
-
-    s = sub.add_parser("seed-data", help="fill bot_training_data with synthetic interactions")
-    s.add_argument("--rows", type=int, default=10_000)
-    s.add_argument("--days", type=float, default=7.0)
-    s.add_argument("--layout", choices=["app", "design"], default="app")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--end", help="timestamp of the newest row (ISO, UTC; default now)")
-    s.add_argument("--drift-at", help="rewards follow the shifted regime from this time (ISO)")
-    s.add_argument(
-        "--world",
-        choices=["default", "hard"],
-        default="default",
-        help="hard: more and parameterised actions, noisier rewards, a rarely explored best action",
-    )
-    s.add_argument("--bad-null", type=float, default=0.0, help="fraction with NULL reward")
-    s.add_argument("--bad-range", type=float, default=0.0, help="fraction out of range")
-    s.add_argument("--bad-malformed", type=float, default=0.0, help="fraction malformed")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--append", action="store_true", help="add to an existing table")
-    g.add_argument("--replace", action="store_true", help="drop and recreate the table")
-    g.add_argument(
-        "--if-empty",
-        action="store_true",
-        help="seed only when the table is missing or empty; else leave it",
-    )
-    s.set_defaults(func=_seed_data)
-
-    s = sub.add_parser("export", help="export bot_training_data into a Parquet snapshot")
-    s.add_argument("--out", type=Path, help="folder to create the snapshot in")
-    s.add_argument("--days", type=float, help="window in days (default: settings, 7)")
-    s.add_argument("--limit", type=int, help="newest rows at most (default: settings, 10000)")
-    s.add_argument("--min-rows", type=int, help="fewer rows than this is an error (100)")
-    s.set_defaults(func=_export)
-
-    s = sub.add_parser("validate", help="validate a snapshot with the expectation suite")
-    s.add_argument("snapshot", type=Path)
-    s.add_argument("--min-rows", type=int, help="minimum rows expected (default: settings)")
-    s.add_argument(
-        "--accept",
-        action="store_true",
-        help="accept the change in shares that failed this snapshot as real (needs "
-        "--reason); the next run compares with it",
-    )
-    s.add_argument("--reason", help="with --accept: why the new mix is real")
-    s.set_defaults(func=_validate)
-
-    s = sub.add_parser("train", help="run the train flow once against the configured services")
-    s.add_argument("--days", type=float)
-    s.add_argument("--limit", type=int)
-    s.add_argument("--min-rows", type=int)
-    s.add_argument("--devices", type=int, help="training processes per node")
-    s.add_argument("--num-nodes", type=int)
-    s.add_argument("--max-epochs", type=int)
-    s.add_argument(
-        "train_args", nargs=argparse.REMAINDER, help="after --: arguments for python -m model.train"
-    )
-    s.set_defaults(func=_train)
-
-    s = sub.add_parser("promote", help="move Production to a version (after a load check)")
-    s.add_argument("version")
-    s.add_argument("--reason", required=True)
-    s.add_argument("--expect", help="move only if Production holds this version (or 'none')")
-    s.set_defaults(func=_promote)
-
-    s = sub.add_parser("rollback", help="move Production back (to the previous one by default)")
-    s.add_argument(
-        "--to",
-        help="version to roll back to (default: the last one before the current that was "
-        "not itself rolled back from)",
-    )
-    s.add_argument("--reason", required=True)
-    s.add_argument("--expect", help="move only if Production holds this version")
-    s.set_defaults(func=_rollback)
-
-    s = sub.add_parser("serve", help="run the agent server (POST /predict)")
-    s.add_argument("--host", help="default: VALIFI_SERVE_HOST (127.0.0.1)")
-    s.add_argument("--port", type=int, help="default: the port of PYTHON_AGENT_URL (8000)")
-    s.add_argument("--workers", type=int, help="inference workers (default: settings, 2)")
-    s.set_defaults(func=_serve)
-
-    s = sub.add_parser("health", help="ask a running server for its status; exit 1 if unhealthy")
-    s.add_argument("--url", help="default: PYTHON_AGENT_URL")
-    s.add_argument("--timeout", type=float, default=10.0)
-    s.add_argument(
-        "--require-model", action="store_true", help="also unhealthy when no model is serving"
-    )
-    s.set_defaults(func=_health)
-
-    s = sub.add_parser("deploy", help="create or update the work pool and train/nightly")
-    s.set_defaults(func=_deploy)
-
-    s = sub.add_parser("worker", help="run a Prefect worker for the valifi-process pool")
-    s.set_defaults(func=_worker)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = Settings()
-    # The libraries and every process started from here read these from the environment;
-    # settings (with their defaults and .env) are the one source of truth.
-    os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
-    os.environ["PREFECT_API_URL"] = settings.prefect_api_url
-    try:
-        return args.func(args, settings)
-    except Exception as exc:  # every command ends with a readable reason, not a traceback
-        if getattr(args, "debug", False):
-            raise
-        print(f"valifi {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+def main(argv: list[str] | None = None) -> None:
+    """The command line entry point (exits with the command's status)."""
+    app(args=argv, prog_name="valifi")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

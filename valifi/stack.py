@@ -127,63 +127,36 @@ def database_url(settings: Settings) -> str:
 # --- HTTP services ------------------------------------------------------------------
 
 
+def _local(name: str, port: int, health: str, command: list[str], env: dict) -> Service:
+    """An HTTP service of this machine on `port` (health at `health`), quietly logged."""
+    url = f"http://127.0.0.1:{port}"
+    env = {"PYTHONUNBUFFERED": "1", **env}
+    return Service(name, url, f"{url}{health}", port, command, env)
+
+
 def services(settings: Settings) -> list[Service]:
     """The HTTP services this stack manages: those whose URL points at this machine."""
     d = _dirs(settings)
-    quiet = {"PYTHONUNBUFFERED": "1"}
     out = []
-    mlflow_port = settings.local_port(settings.mlflow_tracking_uri)
-    if mlflow_port is not None:
+    if (port := settings.local_port(settings.mlflow_tracking_uri)) is not None:
         backend = settings.mlflow_backend_store_uri or f"sqlite:///{d['mlflow'] / 'mlflow.db'}"
+        command = [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--workers", "1", "--backend-store-uri", backend]
+        command += ["--artifacts-destination", str(d["mlflow"] / "artifacts")]
+        # The job runner starts ~8 extra processes that nothing here uses.
         out.append(
-            Service(
-                name="mlflow",
-                url=f"http://127.0.0.1:{mlflow_port}",
-                health_url=f"http://127.0.0.1:{mlflow_port}/health",
-                port=mlflow_port,
-                command=[
-                    _bin("mlflow"),
-                    "server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(mlflow_port),
-                    "--workers",
-                    "1",
-                    "--backend-store-uri",
-                    backend,
-                    "--artifacts-destination",
-                    str(d["mlflow"] / "artifacts"),
-                ],
-                # The job runner starts ~8 extra processes that nothing here uses.
-                env={**quiet, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            _local(
+                "mlflow", port, "/health", command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
             )
         )
-    prefect_port = settings.local_port(settings.prefect_api_url)
-    if prefect_port is not None:
-        out.append(
-            Service(
-                name="prefect",
-                url=f"http://127.0.0.1:{prefect_port}",
-                health_url=f"http://127.0.0.1:{prefect_port}/api/health",
-                port=prefect_port,
-                command=[
-                    _bin("prefect"),
-                    "server",
-                    "start",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(prefect_port),
-                ],
-                env={
-                    **quiet,
-                    "PREFECT_HOME": str(d["prefect"]),
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_UI_ENABLED": "true",
-                },
-            )
-        )
+    if (port := settings.local_port(settings.prefect_api_url)) is not None:
+        command = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        env = {
+            "PREFECT_HOME": str(d["prefect"]),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "true",
+        }
+        out.append(_local("prefect", port, "/api/health", command, env))
     return out
 
 

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows import export as export_mod
-from flows.export import ExportSpec, InsufficientData, Manifest, export_snapshot
+from flows.export import ExportSpec, InsufficientData, export_snapshot
 from flows.source import SourceError
 from flows.validate import ValidationSpec, validate_snapshot
+from model.snapshot import Manifest
 from model.synthetic import BOTS, BadRows, World
 from tests.helpers import valifi
 from valifi.seed import seed

@@ -98,13 +98,13 @@ def _evaluate_once(registry, tmp_path):
 def test_an_error_in_the_evaluation_code_fails_at_once_with_its_traceback(
     stack_env, tmp_path, monkeypatch
 ):
-    import flows.training
+    import flows.gate
     from core.registry import Registry
 
     def broken(*args, **kwargs):
         return [][0]  # a bug of ours, as the unknown-bot ranking once was
 
-    monkeypatch.setattr(flows.training, "compare", broken)
+    monkeypatch.setattr(flows.gate, "compare_on_holdout", broken)
     registry = Registry(stack_env["MLFLOW_TRACKING_URI"], "valifi-agent-evaluate-probe")
     state = _evaluate_once(registry, tmp_path)
     assert state.is_failed() and "IndexError" in state.message

@@ -20,11 +20,11 @@ import pytest
 
 from model.synthetic import BOTS, BadRows, World
 from tests.helpers import (
-    _SESSION_DIR,
     ROOT,
     free_port,
     mlflow_serve_command,
     module_settings,
+    session_dir,
     valifi,
 )
 from valifi.seed import seed
@@ -176,7 +176,7 @@ def test_training_that_hangs_is_killed_and_registers_nothing(env, registry, monk
     left = [
         cmd
         for p in psutil.process_iter(["cmdline"])
-        if "model.train" in (cmd := p.info["cmdline"] or []) and str(_SESSION_DIR) in " ".join(cmd)
+        if "model.train" in (cmd := p.info["cmdline"] or []) and str(session_dir()) in " ".join(cmd)
     ]
     assert not left, left
 
@@ -287,9 +287,10 @@ def test_mlflow_models_serve_answers_for_production(env, stack_env):
         r = httpx.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=30)
         assert r.status_code == 200, r.text
         pred = r.json()["predictions"][0]
-        assert pred["agent"] == "trading_advanced"
-        assert pred["action"] in BOTS["trading_advanced"].actions
-        assert isinstance(pred["expected_reward"], float) and len(pred["runners_up"]) == 3
+        assert pred["agent"] == "trading_advanced" and pred["type"] == "execution"
+        assert pred["result"]["action"] in BOTS["trading_advanced"].actions
+        assert isinstance(pred["result"]["expected_reward"], float)
+        assert len(pred["result"]["runners_up"]) == 3  # four actions in the bot's bank
     finally:
         import signal
 

@@ -9,20 +9,23 @@ import numpy as np
 import pytest
 
 from core.settings import GateSpec
-from flows.training import compare
+from flows.gate import compare_on_holdout as compare
 from model.artifact import load
-from model.module import read_snapshot, temporal_split
 from model.result import TrainResult
-from tests.helpers import ROOT, model_train_command, synthetic_snapshot
+from model.snapshot import read_rows, temporal_split
+from model.synthetic import World, write_snapshot
+from tests.helpers import ROOT, model_train_command
 
 pytestmark = pytest.mark.slow
 
 OLD_BOTS = ("trading_advanced", "financial_stocks", "analytics_portfolio")
+# what is compared, not how well these short trainings do: the floors let any model by
+SPEC = GateSpec(auc_min=0.0, rmse_ratio_max=10.0)
 NEW_BOT = "platform_onboarding"
 
 
 def _trained(snap, out):
-    cmd = model_train_command(snap, out, 0, "--max-epochs", "3", "--threads", "1")
+    cmd = model_train_command(snap, out, 0, "--max-epochs", "2", "--threads", "1")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return load(out / "artifact"), TrainResult.read(out).train_config
@@ -31,12 +34,12 @@ def _trained(snap, out):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("new-bots")
-    old_snap = synthetic_snapshot(root / "old", 1500, seed=1, only=OLD_BOTS)
-    new_snap = synthetic_snapshot(root / "new", 3000, seed=2)
+    old_snap = write_snapshot(root / "old", 1000, World(seed=1, only=OLD_BOTS))
+    new_snap = write_snapshot(root / "new", 2000, World(seed=2))
     champion, _ = _trained(old_snap, root / "champion")
     challenger, cfg = _trained(new_snap, root / "challenger")
     train_df, _, holdout = temporal_split(
-        read_snapshot(new_snap), cfg["val_fraction"], cfg["holdout_fraction"]
+        read_rows(new_snap), cfg["val_fraction"], cfg["holdout_fraction"]
     )
     return champion, challenger, train_df, holdout
 
@@ -51,7 +54,7 @@ def test_the_champion_chooses_nothing_for_a_bot_it_does_not_know(models):
 
 def test_a_new_bot_is_judged_by_the_challenger_alone_and_the_rest_compared(models):
     champion, challenger, train_df, holdout = models
-    d = compare(GateSpec(), challenger, champion, train_df, holdout, "1")
+    d = compare(SPEC, challenger, champion, train_df, holdout, "1")
     new_rows = int((holdout["bot"] == NEW_BOT).sum())
     assert 0 < new_rows < len(holdout)
     assert d.apart["rows"] == new_rows and d.apart["bots"] == {NEW_BOT: new_rows}
@@ -70,20 +73,14 @@ def test_a_new_bot_is_judged_by_the_challenger_alone_and_the_rest_compared(model
 
 def test_a_champion_that_can_rank_too_few_rows_leaves_the_floors_to_decide(models):
     champion, challenger, train_df, holdout = models
-    # the champion knows one bot of the four: about a quarter of a 450-row holdout
+    # the champion knows one bot of the four: about a quarter of a 400-row holdout
     only_one = type(champion)(
-        champion.net,
-        champion.featurizer,
-        {OLD_BOTS[0]: champion.bank[OLD_BOTS[0]]},
-        champion.default_data_type,
-        champion.config,
-        champion.canary,
-        champion.metrics,
+        champion.net, champion.featurizer, {OLD_BOTS[0]: champion.bank[OLD_BOTS[0]]}
     )
-    d = compare(GateSpec(), challenger, only_one, train_df, holdout, "1")
+    d = compare(SPEC, challenger, only_one, train_df, holdout, "1")
     known = int((holdout["bot"] == OLD_BOTS[0]).sum())
     assert known < GateSpec().min_holdout_rows
     assert d.mse_diff is None and d.apart["rows"] == len(holdout) - known
     assert f"v1 can rank only {known} of the {len(holdout)} holdout rows" in d.summary()
     assert "judged on floors alone" in d.summary()
-    assert d.passed == all("below the floor" not in r for r in d.reasons)
+    assert d.passed  # the floors alone decide, and they let it by

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from model.artifact import ArtifactError, load
 from model.result import TrainResult
-from tests.helpers import ROOT, free_port, model_train_command, synthetic_snapshot
+from model.synthetic import World, write_snapshot
+from tests.helpers import ROOT, free_port, model_train_command
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def _train(snapshot: Path, out: Path, *extra: str, env: dict | None = None, wait
 
 @pytest.fixture(scope="module")
 def small_snapshot(tmp_path_factory):
-    return synthetic_snapshot(tmp_path_factory.mktemp("snap"), 1500, seed=3)
+    return write_snapshot(tmp_path_factory.mktemp("snap"), 1500, World(seed=3))
 
 
 def test_smoke_run_writes_a_loadable_artifact(small_snapshot, tmp_path):

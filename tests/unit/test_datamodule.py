@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from model.module import RewardRegressor, SnapshotDataModule, TrainConfig, to_tensors
-from model.network import ModelConfig, RewardEnsemble, build
-from tests.helpers import synthetic_snapshot
+from model.config import TrainConfig
+from model.module import RewardRegressor, SnapshotDataModule
+from model.network import ModelConfig, RewardEnsemble, build, to_tensors
+from model.synthetic import World, write_snapshot
 
 END = datetime(2026, 6, 1)
 
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
-    return synthetic_snapshot(tmp_path_factory.mktemp("snap"), 3000, seed=3, end=END)
+    return write_snapshot(tmp_path_factory.mktemp("snap"), 3000, World(seed=3), end=END)
 
 
 def _data(snapshot, **cfg) -> SnapshotDataModule:
@@ -103,7 +104,8 @@ def test_an_ensemble_artifact_loads_and_reproduces_its_canaries(snapshot, tmp_pa
     canary = artifact.canary_rows(data.val_df)
     bank = artifact.action_bank(data.train_df)
     dt = artifact.default_data_types(data.train_df)
-    path = artifact.save(tmp_path / "a", net, fz, bank, dt, {"model": cfg.to_dict()}, canary, {})
+    model = artifact.AgentModel(net, fz, bank, dt)
+    path = artifact.save(tmp_path / "a", model, {"model": cfg.to_dict()}, canary, {})
     model = artifact.load(path)  # verifies the canaries
     assert isinstance(model.net, RewardEnsemble) and len(model.net.members) == 2
     rows = [(c["bot"], c["data_type"], c["input"], c["action"]) for c in canary]

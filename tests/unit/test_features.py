@@ -244,7 +244,7 @@ def test_ranking_featurizes_each_context_once_and_scores_as_the_full_rows_would(
     torch.manual_seed(0)
     net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len))
     bank = {"bot": [{"action": "buy"}, {"action": "sell"}, {"action": "hold", "size": 2}]}
-    model = AgentModel(net, fz, bank, {"bot": "market_data"}, {}, [], {})
+    model = AgentModel(net, fz, bank, {"bot": "market_data"})
     x = {"rsi": 71.0, "note": "word1 up " * 40, "deep": {"a": [1, 2, {"b": "word2"}]}}
     (ranked,) = model.rank_many([("bot", x, None)])
     full = model.score([("bot", "market_data", x, a) for a in bank["bot"]])
@@ -264,7 +264,7 @@ def test_a_rarely_logged_action_ranks_by_its_lower_bound_and_an_unseen_one_as_lo
     net = RewardModel(ModelConfig.preset("small", fz.vocab_size, fz.max_len))
     acts = [{"action": "buy"}, {"action": "sell"}, {"action": "hold", "size": 2}]
     x = {"rsi": 71.0}
-    plain = AgentModel(net, fz, {"bot": acts}, {"bot": "market_data"}, {}, [], {})
+    plain = AgentModel(net, fz, {"bot": acts}, {"bot": "market_data"})
     (by_score,) = plain.rank_many([("bot", x, None)])
     assert [r.lower for r in by_score] == [r.score for r in by_score]  # no support: score
     top, *_, last = by_score
@@ -276,7 +276,7 @@ def test_a_rarely_logged_action_ranks_by_its_lower_bound_and_an_unseen_one_as_lo
     counts = [counts[json.dumps(a, sort_keys=True)] for a in acts]
     doc = {"counts": {"bot": counts}, "pessimism": 2.0, "noise_sd": spread * 2}
     support = Support.from_json(doc, {"bot": acts})
-    cautious = AgentModel(net, fz, {"bot": acts}, {"bot": "market_data"}, {}, [], {}, support)
+    cautious = AgentModel(net, fz, {"bot": acts}, {"bot": "market_data"}, support=support)
     (ranked,) = cautious.rank_many([("bot", x, None)])
     assert ranked[-1].action == top.action and ranked[0].action != top.action
     for r in ranked:

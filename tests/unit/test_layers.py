@@ -57,3 +57,41 @@ def test_the_rules_see_real_imports():
     assert "core" in _imports(ROOT / "flows" / "pipeline.py")
     assert {"core", "flows", "serving"} <= set().union(*map(_imports, _modules("valifi")))
     assert len(_modules("serving")) >= 3 and len(_modules("core")) >= 3
+
+
+def test_serving_a_model_imports_no_lightning(tmp_path):
+    """Loading an artifact and answering with it (what both servers do) needs torch, not
+    Lightning: a fresh interpreter, an artifact written without the trainer, then
+    `model.artifact`, `model.decision` and the MLflow pyfunc's imports."""
+    import subprocess
+    import sys
+
+    from core.registry import SERVING_REQUIREMENTS
+
+    code = f"""
+import sys
+from model.features import Featurizer
+from model.network import ModelConfig, build
+from model import artifact
+from model.decision import Query, decide
+rows = [("bot", "market_data", {{"rsi": float(v)}}, {{"action": a}})
+        for v in range(40) for a in "xy"]
+fz = Featurizer.build(rows, max_len=16, min_count=1)
+net = build(ModelConfig(fz.vocab_size, fz.max_len, num_paths=fz.word_offset))
+bank = {{"bot": [{{"action": "x"}}, {{"action": "y"}}]}}
+model = artifact.AgentModel(net, fz, bank, {{"bot": "market_data"}})
+canary = [dict(bot=b, data_type=d, input=x, action=a) for b, d, x, a in rows[:4]]
+path = artifact.save({str(tmp_path / "a")!r}, model, {{"model": net.cfg.to_dict()}}, canary, {{}})
+loaded = artifact.load(path)
+(answer,) = decide(loaded, [Query.of("bot", "go", {{"rsi": 12.0}})])
+assert answer["result"]["action"] in bank["bot"], answer
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")))
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
+    assert "lightning" not in SERVING_REQUIREMENTS
+    assert "lightning" not in _imports(ROOT / "serving" / "pyfunc.py")
+    assert not {"lightning", "pytorch_lightning"} & _imports(ROOT / "model" / "artifact.py")

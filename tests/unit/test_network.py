@@ -36,7 +36,7 @@ def test_a_network_saved_before_the_bins_is_built_as_it_was():
     fz = Featurizer.build(ROWS, max_len=16, min_count=1)
     old = ModelConfig(fz.vocab_size, fz.max_len).to_dict()
     old.pop("num_bins")
-    net = RewardModel(ModelConfig(**old))
+    net = RewardModel(ModelConfig.from_dict(old))
     assert net.bins is None
     assert not any(k.startswith("bins") for k in net.state_dict())
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_a_network_saved_before_leaf_places_scores_by_sequence_position():
     old = ModelConfig.preset("small", fz.vocab_size, fz.max_len).to_dict()
     old.pop("positions")
     old.pop("num_paths")
-    net = RewardModel(ModelConfig(**old))
+    net = RewardModel(ModelConfig.from_dict(old))
     assert net.cfg.positions == "sequence" and net.path_bins is None
     assert {k.split(".")[0] for k in net.state_dict()} >= {"pos", "bins"}
     assert not any(k.startswith(("place", "path_bins")) for k in net.state_dict())
@@ -139,7 +139,7 @@ def test_a_network_saved_before_the_product_is_built_without_it():
     fz = Featurizer.build(ROWS, max_len=16, min_count=1)
     old = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset).to_dict()
     assert old.pop("cross") is True
-    net = RewardModel(ModelConfig(**old))
+    net = RewardModel(ModelConfig.from_dict(old))
     assert not net.cfg.cross
     assert not any(k.startswith("cross") for k in net.state_dict())
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_a_network_saved_before_the_levels_is_built_without_them():
     fz = _levelled()
     old = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset).to_dict()
     assert old.pop("num_cuts") == 9
-    net = RewardModel(ModelConfig(**old))
+    net = RewardModel(ModelConfig.from_dict(old))
     assert net.cuts is None and not any(k.startswith("cuts") for k in net.state_dict())
     with torch.no_grad():
         assert net(*_batch(fz, [50.0])).shape == (1,)
@@ -214,6 +214,16 @@ def test_one_member_is_the_plain_network_with_the_keys_artifacts_had():
         assert net.each(*_batch(fz, [50.0])).shape == (1, 1)
     old = net.cfg.to_dict()
     old.pop("members")  # a config saved before members
-    assert type(build(ModelConfig(**old))) is RewardModel
+    assert type(build(ModelConfig.from_dict(old))) is RewardModel
     with pytest.raises(ValueError, match="at least 1"):
-        build(ModelConfig(**old, members=0))
+        build(ModelConfig.from_dict(old | {"members": 0}))
+
+
+def test_the_defaults_are_the_model_trained_today():
+    """`ModelConfig` with only what the featurizer decides is the `small` preset."""
+    fz = Featurizer.build(ROWS, max_len=16, min_count=1)
+    today = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset)
+    assert ModelConfig(fz.vocab_size, fz.max_len, num_paths=fz.word_offset) == today
+    assert ModelConfig.from_dict(today.to_dict()) == today  # an artifact made today
+    net = RewardModel(ModelConfig(fz.vocab_size, fz.max_len, num_paths=fz.word_offset))
+    assert net.cuts is not None and net.cfg.cross and net.cfg.positions == "leaf"

@@ -114,7 +114,7 @@ def test_a_misspelt_section_setting_is_an_error(in_tmp, monkeypatch):
 def test_members_reach_the_training_command_and_fewer_than_one_is_refused(in_tmp, monkeypatch):
     from pydantic import ValidationError
 
-    from flows.training import train_args
+    from flows.training import train_options as train_args
 
     assert "--members" not in train_args(Settings().train)
     monkeypatch.setenv("VALIFI_TRAIN_MEMBERS", "3")
@@ -128,7 +128,7 @@ def test_members_reach_the_training_command_and_fewer_than_one_is_refused(in_tmp
 def test_pessimism_reaches_the_training_command_and_a_negative_one_is_refused(in_tmp, monkeypatch):
     from pydantic import ValidationError
 
-    from flows.training import train_args
+    from flows.training import train_options as train_args
 
     assert "--pessimism" not in train_args(Settings().train)  # the model's default
     monkeypatch.setenv("VALIFI_TRAIN_PESSIMISM", "0")
@@ -138,3 +138,34 @@ def test_pessimism_reaches_the_training_command_and_a_negative_one_is_refused(in
         monkeypatch.setenv("VALIFI_TRAIN_PESSIMISM", bad)
         with pytest.raises(ValidationError, match="pessimism"):
             Settings()
+
+
+def test_every_training_setting_is_declared_once_and_reaches_the_command(in_tmp, monkeypatch):
+    """A field of the training's configs is a setting (VALIFI_TRAIN_<FIELD>), an option
+    of `python -m model.train`, and an option of the flow's launch, with one default."""
+    from dataclasses import fields
+
+    from flows.training import train_options
+    from model import config
+    from model.train import parse_args
+
+    spec = Settings().train
+    for cls in config.CONFIGS:
+        for f in fields(cls):
+            assert getattr(spec, f.name) == f.default, f.name  # the default, once
+    assert train_options(spec) == ["--no-progress"]  # nothing else differs
+    monkeypatch.setenv("VALIFI_TRAIN_HALF_LIFE_DAYS", "0")
+    monkeypatch.setenv("VALIFI_TRAIN_SHUFFLE_REWARDS", "true")
+    monkeypatch.setenv("VALIFI_TRAIN_SYNTHETIC_GROUND_TRUTH", "true")  # the earlier name
+    options = train_options(Settings().train)
+    assert options == [
+        "--no-progress",
+        "--ground-truth",
+        "synthetic",
+        "--shuffle-rewards",
+        "--half-life-days",
+        "0.0",
+    ]
+    launch, recipe = config.parse(parse_args(["--snapshot", "s", "--out", "o", *options]))
+    assert (recipe.half_life_days, recipe.shuffle_rewards) == (0.0, True)
+    assert (launch.ground_truth, launch.progress) == ("synthetic", False)

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.synthetic import BOTS, DATA_TYPES, REWARD_BOUNDS, BadRows, World, behaviour_value
+from model.snapshot import DATA_TYPES
+from model.synthetic import BOTS, REWARD_BOUNDS, BadRows, World, behaviour_value
 
 END = datetime(2026, 11, 1, 12, 0, 0)
 

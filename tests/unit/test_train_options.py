@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from model.module import TrainConfig
-from model.train import parse_args, train_config
+from model import config
+from model.config import TrainConfig
+from model.train import parse_args
+
+
+def train_config(args) -> TrainConfig:
+    return config.parse(args)[1]
+
 
 BASE = ["--snapshot", "snap", "--out", "out"]
 
@@ -34,7 +40,7 @@ def test_an_unknown_schedule_is_refused_with_the_choices(capsys):
 
 
 def test_training_length_is_counted_in_steps_on_a_small_snapshot_unless_given():
-    from model.module import EPOCHS, MIN_STEPS
+    from model.config import EPOCHS, MIN_STEPS
 
     cfg = TrainConfig()
     assert cfg.max_epochs is None
@@ -43,3 +49,20 @@ def test_training_length_is_counted_in_steps_on_a_small_snapshot_unless_given():
     assert cfg.epochs(720, world_size=2) * 3 >= MIN_STEPS  # each rank takes half
     given = train_config(parse_args([*BASE, "--max-epochs", "2"]))
     assert given.max_epochs == 2 and given.epochs(720) == 2  # given: taken as it is
+
+
+def test_the_warmup_is_one_setting_from_the_environment_to_the_schedule(monkeypatch):
+    """Declared once (model.config): VALIFI_TRAIN_WARMUP reaches the training command, the
+    command's option reaches the recipe, and the recipe the learning-rate schedule."""
+    from core.settings import Settings
+    from flows.training import train_options
+    from model.module import RewardRegressor, warmup_cosine
+
+    monkeypatch.setenv("VALIFI_TRAIN_WARMUP", "0.25")
+    options = train_options(Settings(_env_file=None).train)
+    assert options[options.index("--warmup") + 1] == "0.25"
+    recipe = train_config(parse_args([*BASE, *options]))
+    assert recipe.warmup == 0.25 and TrainConfig().warmup == 0.1
+    module = RewardRegressor({"vocab_size": 16}, recipe.to_dict())
+    assert module.warmup == 0.25
+    assert warmup_cosine(24, 100, module.warmup) == 1.0 > warmup_cosine(23, 100, module.warmup)

@@ -1,5 +1,5 @@
 from core.settings import WatchSpec
-from flows.watch import VersionStats, delta, judge, parse, quantile, stats
+from flows.watch import VersionStats, breach, delta, parse, quantile, stats
 
 METRICS = """# HELP valifi_http_requests_total POST /predict requests answered
 # TYPE valifi_http_requests_total counter
@@ -43,14 +43,14 @@ def test_delta_counts_only_the_window():
 def test_judge_error_rate_latency_and_too_few_requests():
     spec = WatchSpec(max_error_rate=0.05, max_p99_ratio=2.0, min_p99_s=0.05, min_requests=20)
     bad = stats(parse(METRICS), "2")
-    assert "error rate 20.0%" in judge(spec, bad, 0.1)
+    assert "error rate 20.0%" in breach(spec, bad, 0.1)
     few = VersionStats(5, 5, {})
-    assert judge(spec, few, None) is None
+    assert breach(spec, few, None) is None
     slow = VersionStats(100, 0, {0.05: 10, 0.5: 100, float("inf"): 100})
-    assert "p99 latency 500 ms" in judge(spec, slow, 0.1)
-    assert judge(spec, slow, 0.3) is None  # within 2x of the previous version
+    assert "p99 latency 500 ms" in breach(spec, slow, 0.1)
+    assert breach(spec, slow, 0.3) is None  # within 2x of the previous version
     fast = VersionStats(100, 0, {0.01: 100, float("inf"): 100})
-    assert judge(spec, fast, 0.001) is None  # under the floor: never a breach
+    assert breach(spec, fast, 0.001) is None  # under the floor: never a breach
 
 
 def test_a_5xx_no_worker_labelled_counts_against_the_watched_version():

@@ -1,11 +1,11 @@
-"""The registry watcher's failure handling, with stand-in resolve/fetch callables."""
+"""The alias follower's failure handling, with stand-in resolve/fetch callables."""
 
 import json
 import os
 import time
 
 from core.registry import Version
-from serving.watcher import Watcher
+from serving.follower import AliasFollower
 
 
 class Source:
@@ -27,7 +27,7 @@ def test_a_failed_download_is_retried_on_later_polls_with_backoff(tmp_path):
         raise ConnectionError("registry went away mid-download")
 
     src = Source(Version("3", "run-a"), flaky)
-    w = Watcher(src.resolve, src.fetch, poll_s=0.05, status_file=tmp_path / "w.json")
+    w = AliasFollower(src.resolve, src.fetch, poll_s=0.05, status_file=tmp_path / "w.json")
     w.sync_once()
     assert w.status.last_outcome["outcome"] == "retrying"
     assert "download failed: ConnectionError" in w.status.last_outcome["reason"]
@@ -45,7 +45,7 @@ def test_the_registry_returning_ends_the_backoff():
     """A download broke off as the registry went down; when it answers again the
     version is fetched at the next poll, whatever the backoff had grown to."""
     src = Source(Version("3", "run-a"), lambda v: (_ for _ in ()).throw(OSError("reset")))
-    w = Watcher(src.resolve, src.fetch, poll_s=60)
+    w = AliasFollower(src.resolve, src.fetch, poll_s=60)
     for _ in range(3):  # three failed downloads: the backoff is now 4 polls long
         w._retry_at = 0.0
         w.sync_once()
@@ -68,7 +68,7 @@ def test_a_verified_bad_version_is_refused_until_the_alias_moves(tmp_path):
         return folder
 
     src = Source(Version("3", "run-a"), junk)
-    w = Watcher(src.resolve, src.fetch, poll_s=0.01)
+    w = AliasFollower(src.resolve, src.fetch, poll_s=0.01)
     w.sync_once()
     time.sleep(0.02)
     w.sync_once()
@@ -88,9 +88,9 @@ def test_moving_the_alias_back_swaps_at_once_without_a_reload(tmp_path, monkeypa
         def to(self, device):
             return self
 
-    monkeypatch.setattr("serving.watcher.load", lambda folder, verify: Loaded(folder))
+    monkeypatch.setattr("serving.follower.load", lambda folder, verify: Loaded(folder))
     src = Source(Version("1", "run-1"), lambda v: tmp_path / v.cache_key)
-    w = Watcher(src.resolve, src.fetch, poll_s=60)
+    w = AliasFollower(src.resolve, src.fetch, poll_s=60)
     w.sync_once()
     first = w.served.model
     src.target = Version("2", "run-2")

@@ -1,6 +1,6 @@
 """Follow `models:/valifi-agent@Production` and hot-swap the served model.
 
-Each inference worker runs one watcher thread. Every poll it asks the registry
+Each inference worker runs one follower thread (`AliasFollower`). Every poll it asks the registry
 where the alias points; when it moved, it downloads that version (cached by
 version and run id, shared by the workers), loads it beside the serving one,
 checks the canary set, and only then swaps one reference. A batch reads the
@@ -67,7 +67,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class Watcher:
+class AliasFollower:
     """Polls the alias through `resolve()` and fetches versions through `fetch()`.
 
     `resolve() -> Version or None` raises when the registry cannot be reached;
@@ -204,15 +204,15 @@ class Watcher:
 
     # -- the thread --
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="registry-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="alias-follower", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
                 self.sync_once()
-            except Exception:  # never let the watcher die
-                log.exception("watcher poll failed")
+            except Exception:  # never let the follower die
+                log.exception("alias follower poll failed")
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,10 +1,11 @@
-"""The registered model as an MLflow pyfunc, logged from code.
+"""The registered model as an MLflow pyfunc, logged from code (its file is logged with
+the model; it imports `model` alone, which is logged beside it).
 
 `mlflow models serve -m models:/valifi-agent@Production` serves it: POST
 /invocations with `{"dataframe_records": [{"agent_type": "trading_advanced",
 "task": "Analyze AAPL stock and suggest trade", "context": {...}}]}` answers, per
-record, the chosen action, its expected reward and the runners-up. An execute
-request becomes the document the bots log: `{"task": task, **context}`.
+record, the execute answer `/predict` gives (model.decision), without
+`model_version`, which only the agent server knows.
 """
 
 from __future__ import annotations
@@ -29,31 +30,16 @@ class AgentPyfunc(PythonModel):
         self.model = load(context.artifacts["agent"])  # verifies the canary set
 
     def predict(self, context, model_input, params=None):
-        records = _records(model_input)
-        reqs = []
-        for r in records:
+        from model.decision import Query, decide
+
+        queries = []
+        for r in _records(model_input):
             ctx = r.get("context") or {}
             bot = r.get("agent_type") or r.get("bot")
             if bot not in self.model.bank and not ctx.get("candidates"):
                 raise ValueError(f"unknown agent {bot!r}; known: {', '.join(self.model.bots)}")
-            doc = {k: v for k, v in ctx.items() if k != "candidates"}
-            doc = {"task": r.get("task", ""), **doc}
-            reqs.append((bot, doc, ctx.get("candidates")))
-        out = []
-        for (bot, _, _), ranked in zip(reqs, self.model.rank_many(reqs), strict=True):
-            out.append(
-                {
-                    "agent": bot,
-                    "action": ranked[0].action,
-                    "expected_reward": ranked[0].score,
-                    "lower_bound": ranked[0].lower,
-                    "runners_up": [
-                        {"action": r.action, "expected_reward": r.score, "lower_bound": r.lower}
-                        for r in ranked[1:4]
-                    ],
-                }
-            )
-        return out
+            queries.append(Query.of(bot, r.get("task", ""), ctx))
+        return decide(self.model, queries)
 
 
 mlflow.models.set_model(AgentPyfunc())
