@@ -187,3 +187,47 @@ def test_gpu_bf16_run(small_snapshot, tmp_path):
     cfg = json.loads((tmp_path / "artifact" / "config.json").read_text())
     assert "bf16" in cfg["trainer"]["precision"]
     assert load(tmp_path / "artifact").verify() < 1e-3
+
+
+# The last commit before the artifact's code was reorganised (model/config.py,
+# model/snapshot.py, ModelConfig's defaults, to_tensors out of the Lightning module).
+BEFORE_REORGANISATION = "e99c4b4"
+
+
+def test_an_artifact_made_by_the_code_before_the_reorganisation_loads_and_scores(tmp_path):
+    """`python -m model.train` of that commit (its own `model/` package) trains an
+    artifact; today's code loads it, reproduces its canary scores and ranks with it."""
+    import shutil
+    import tarfile
+
+    from model.decision import Query, decide
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", BEFORE_REORGANISATION, "model"],
+        cwd=ROOT,
+        capture_output=True,
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"commit {BEFORE_REORGANISATION} is not in this clone's history")
+    old = tmp_path / "old"
+    old.mkdir()
+    (tmp_path / "model.tar").write_bytes(archive.stdout)
+    with tarfile.open(tmp_path / "model.tar") as tar:
+        tar.extractall(old, filter="data")
+    snap = write_snapshot(tmp_path / "snap", 800, World(seed=4))
+    train = ["-m", "model.train", "--snapshot", str(snap), "--out", str(tmp_path / "o")]
+    r = subprocess.run(
+        [sys.executable, *train, "--max-epochs", "1", "--no-progress", "--threads", "1"],
+        cwd=old,
+        env={**os.environ, "PYTHONPATH": str(old)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = load(tmp_path / "o" / "artifact")  # verifies the canaries: scores as it did
+    assert model.config["model"]["cross"] is True
+    (answer,) = decide(model, [Query.of("trading_advanced", "Find a trade", {"symbol": "AAPL"})])
+    assert answer["result"]["action"] in World().bots["trading_advanced"].actions
