@@ -224,18 +224,26 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
 # --- the run --------------------------------------------------------------------
 
 
-def servers(ports: dict[str, int], workers: int, data_dir: Path) -> dict[str, list]:
-    """name -> [command, extra environment, predict URL]."""
+def servers(ports: dict[str, int], workers: int, data_dir: Path, db: str) -> dict[str, list]:
+    """name -> [command, extra environment, predict URL]. Ours logs every decision to
+    the database `db` and explores (its defaults); OFF does neither."""
     from valifi.experiments import mlflow_serve_command
 
-    ours = {"VALIFI_MODEL_NAME": MODEL, "VALIFI_DATA_DIR": str(data_dir)}
+    ours = {"VALIFI_MODEL_NAME": MODEL, "VALIFI_DATA_DIR": str(data_dir), "DATABASE_URL": db}
+    off = ours | {
+        "VALIFI_SERVE_LOG_DECISIONS": "false",
+        "VALIFI_SERVE_EPSILON": "0",
+        "VALIFI_SERVE_MIN_PROBABILITY": "0",
+    }
     url = "http://127.0.0.1:{}/{}".format
+
+    def valifi(name: str, env: dict) -> list:
+        cmd = [sys.executable, "-m", "valifi.cli", "serve", "--port", str(ports[name])]
+        return [cmd, env, url(ports[name], "predict")]
+
     return {
-        "valifi serve": [
-            [sys.executable, "-m", "valifi.cli", "serve", "--port", str(ports["valifi serve"])],
-            ours,
-            url(ports["valifi serve"], "predict"),
-        ],
+        "valifi serve": valifi("valifi serve", ours),
+        OFF: valifi(OFF, off),
         "mlflow models serve": [
             mlflow_serve_command(MODEL, ports["mlflow models serve"], workers),
             {},
@@ -311,7 +319,8 @@ def combine(runs: list[dict]) -> dict:
     }
 
 
-NAMES = ("valifi serve", "mlflow models serve", "mlflow, 1 thread/worker", "no-op LitServe")
+OFF = "valifi serve, no log, greedy"
+NAMES = ("valifi serve", OFF, "mlflow models serve", "mlflow, 1 thread/worker", "no-op LitServe")
 
 
 def report(table: dict, concurrency: list[int]) -> bool:
@@ -324,7 +333,9 @@ def report(table: dict, concurrency: list[int]) -> bool:
     for mix in ("execute", "mixed"):
         for c in concurrency:
             ours, noop = cells[(mix, c, "valifi serve")], cells[(mix, c, "no-op LitServe")]
-            ml = [cells[(mix, c, n)] for n in NAMES[1:3] if (mix, c, n) in cells]
+            ml = [
+                cells[(mix, c, n)] for n in NAMES if n.startswith("mlflow") and (mix, c, n) in cells
+            ]
             best = max(ml, key=lambda r: r["rps"]) if ml else None
             for name in NAMES:
                 if (mix, c, name) not in cells:
@@ -350,6 +361,13 @@ def report(table: dict, concurrency: list[int]) -> bool:
                     f"{'':<14}targets (>= 2.5x the better mlflow at p99 <= its, >= 0.8x no-op): "
                     f"{'met' if ok else 'NOT met'}"
                 )
+            off = cells.get((mix, c, OFF))
+            if off:
+                print(
+                    f"{'':<14}the decision log and exploration cost "
+                    f"{1 - ours['rps'] / off['rps']:+.1%} of the throughput, p99 "
+                    f"{ours['p99'] / off['p99'] - 1:+.1%} (target: within 10%)"
+                )
             met &= ours["failed"] == 0
     print(
         "\nCPU ms/req: all the server's processes over the client run, per request; in\n"
@@ -373,11 +391,23 @@ def main() -> int:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
     # an MLflow server and data folder of this run's own
-    from core.processes import stop_group
-    from valifi.experiments import free_port, own_mlflow
+    from core.settings import Settings
 
     procs: dict[str, subprocess.Popen] = {}
     data = Path(tempfile.mkdtemp(prefix="valifi-serve-bench-"))
+    db_settings = Settings(_env_file=None, data_dir=data / "db")
+    try:
+        return run(args, data, db_settings, procs)
+    finally:  # after the tracking server has stopped: its files are under `data`
+        if not os.environ.get("VALIFI_KEEP_BENCH_DATA"):
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def run(args, data: Path, db_settings, procs: dict) -> int:
+    from core.processes import stop_group
+    from valifi import stack as local
+    from valifi.experiments import free_port, own_mlflow
+
     with own_mlflow(data / "stack") as uri:
         try:
             print(f"training and promoting a model in {uri} ...", flush=True)
@@ -385,7 +415,8 @@ def main() -> int:
             execute, records, mixed = requests_for()
             bodies = {"execute": execute, "records": records, "mixed": mixed}
             ports = {n: free_port() for n in NAMES}
-            started = servers(ports, args.workers, data / "serve")
+            db = local.start_embedded_pg(db_settings)  # the decision log's database
+            started = servers(ports, args.workers, data / "serve", db)
             logs = data / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             for name, (cmd, env, _) in started.items():
@@ -404,8 +435,7 @@ def main() -> int:
         finally:
             for proc in procs.values():
                 stop_group(proc)
-            if not os.environ.get("VALIFI_KEEP_BENCH_DATA"):
-                shutil.rmtree(data, ignore_errors=True)
+            local.stop_embedded_pg(db_settings)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,16 @@ class ExportSpec(BaseModel):
     # database's own TimeZone setting (what `DEFAULT now()` wrote them in).
     naive_timezone: str | None = None
     max_payload_bytes: int = 4 << 20  # a larger input or output payload is set aside
+    # A served decision (agent_decisions) is trained on once its reward wait has passed,
+    # with the reward recorded within that wait (POST /reward, or a bot's row naming the
+    # decision); one still inside the wait is counted as waiting and left for a later
+    # run, and a reward that comes after it is stored but not trained on.
+    reward_wait_s: float = Field(3600.0, ge=0)
+    # A decision without a reward after the wait: left out (None), or trained on with
+    # this reward. Left out by default: a made-up reward would pull every late-scored
+    # action towards it, and leaving them out biases nothing unless rewards go missing
+    # more often for some actions than for others (the manifest counts them).
+    missing_reward: float | None = None
 
     def window(self) -> tuple[datetime, datetime]:
         until = self.until or datetime.now(UTC)
@@ -160,6 +170,19 @@ class _TrainSpecBase(BaseModel):
         )
 
 
+def _with_fields(name: str, base: type[BaseModel], configs) -> type[BaseModel]:
+    """`base` with a field for every field of the dataclasses `configs` (model.config's
+    declarations: type, default, help, limits)."""
+    from model.config import annotations
+
+    fields = {
+        f.name: _config_field(f, annotations(cls)[f.name])
+        for cls in configs
+        for f in dataclasses.fields(cls)
+    }
+    return create_model(name, __base__=base, __module__=__name__, **fields)
+
+
 def _config_field(f: dataclasses.Field, kind) -> tuple:
     """A settings field for one field of a training config: its type, default, help and
     limits, as the config declares them."""
@@ -170,22 +193,18 @@ def _config_field(f: dataclasses.Field, kind) -> tuple:
     return (kind, Field(f.default, ge=meta.get("ge"), description=meta["help"], **extra))
 
 
-def _train_spec() -> type[BaseModel]:
-    from model.config import CONFIGS, annotations
+def _specs():
+    from model.config import CONFIGS, Exploration
 
-    fields = {
-        f.name: _config_field(f, annotations(cls)[f.name])
-        for cls in CONFIGS
-        for f in dataclasses.fields(cls)
-    }
-    return create_model("TrainSpec", __base__=_TrainSpecBase, __module__=__name__, **fields)
+    return (
+        _with_fields("TrainSpec", _TrainSpecBase, CONFIGS),
+        _with_fields("ServeSpec", _ServeSpecBase, [Exploration]),
+    )
 
 
-TrainSpec = _train_spec()
-
-
-class ServeSpec(BaseModel):
-    """The agent server."""
+class _ServeSpecBase(BaseModel):
+    """The agent server; with every field of the served policy's exploration
+    (model.decision.Exploration)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
 
@@ -202,11 +221,32 @@ class ServeSpec(BaseModel):
     request_timeout_s: float = 30.0
     max_payload_bytes: int = 64 * 1024
     api_key: str | None = None  # when set, /predict needs header X-API-Key
+    # Every execute decision is logged to the database (`agent_decisions`) by each
+    # worker in the background: batches of up to `log_batch`, at least every
+    # `log_flush_s`; while the database is unreachable they go to files under
+    # data_dir/decision-spool and are written when it returns. At most `log_queue`
+    # wait in memory (more go to the spool at once). False: nothing is logged.
+    log_decisions: bool = True
+    log_batch: int = Field(256, ge=1)
+    log_flush_s: float = Field(0.2, gt=0)
+    log_queue: int = Field(10_000, ge=1)
+    log_retry_s: float = Field(2.0, gt=0)  # between tries while the database is down
+
+    def policy(self):
+        """The exploration these settings ask for (model.config.Exploration)."""
+        from model.config import Exploration
+
+        return Exploration(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(Exploration)}
+        )
 
 
 def _std(name: str) -> AliasChoices:
     """Accept the conventional variable name, and the field name for keyword init."""
     return AliasChoices(name, name.lower())
+
+
+TrainSpec, ServeSpec = _specs()
 
 
 class Settings(BaseSettings):

@@ -28,7 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from core import decisions
 from core.settings import ExportSpec
+from flows.rewards import BotRewards, join
 from flows.source import (
     detect,
     export_query,
@@ -40,9 +42,13 @@ from flows.source import (
 from model import snapshot
 from model.snapshot import DATA, QUARANTINE, QUARANTINE_SCHEMA, SCHEMA, Manifest
 
-# what the export query returns: created_at is UTC without a zone
+# what the export query returns: the bots' rows, created_at in UTC without a zone
 WIRE = pa.schema(
-    [f if f.name != "created_at" else pa.field(f.name, pa.timestamp("us")) for f in SCHEMA]
+    [
+        f if f.name != "created_at" else pa.field(f.name, pa.timestamp("us"))
+        for f in SCHEMA
+        if f.name not in snapshot.DECISION_COLUMNS
+    ]
 )
 
 
@@ -76,8 +82,11 @@ def _false_count(col: pa.ChunkedArray) -> int:
 class _ChunkWriter:
     """Receives the COPY stream; parses and writes it to Parquet chunk by chunk."""
 
-    def __init__(self, folder: Path, canonicalize: dict[str, bool], max_payload: int):
+    def __init__(
+        self, folder: Path, canonicalize: dict[str, bool], max_payload: int, bots: BotRewards
+    ):
         self.canonicalize = canonicalize  # payload column -> parse it here
+        self.bot_rewards = bots  # bot rows naming a logged decision go here, not to the data
         self.max_payload = max_payload
         # rows whose payload cannot be used (id, column, reason), chunk by chunk
         self.quarantine = pq.ParquetWriter(folder / QUARANTINE, QUARANTINE_SCHEMA)
@@ -92,6 +101,7 @@ class _ChunkWriter:
             write_statistics=["bot", "data_type", "reward", "created_at"],
         )
         self.stats = {
+            "streamed": 0,  # the bots' rows read from the table
             "rows": 0,
             "null_reward": 0,
             "bad_input": 0,
@@ -124,6 +134,16 @@ class _ChunkWriter:
         )
         for col in ("input", "action"):
             table = self._read_payloads(table, col)
+        self.stats["streamed"] += table.num_rows
+        table = self.bot_rewards.take(table)
+        for col in snapshot.DECISION_COLUMNS:  # the bots' rows are no served decisions
+            table = table.append_column(
+                SCHEMA.field(col), pa.nulls(table.num_rows, SCHEMA.field(col).type)
+            )
+        self.write(table)
+
+    def write(self, table: pa.Table) -> None:
+        """Count and write rows in SCHEMA (the bots' own, or joined decisions)."""
         self._count(table)
         self.writer.write_table(table)
 
@@ -180,6 +200,12 @@ class _ChunkWriter:
             lo, hi = pc.min_max(t["created_at"]).values()
             self.newest = max(filter(None, [self.newest, hi.as_py()]))
             self.oldest = min(filter(None, [self.oldest, lo.as_py()]))
+
+    def drain(self) -> None:
+        """Wait until the writer thread has written every batch fed so far."""
+        if self.inflight is not None:
+            self.inflight.result()
+            self.inflight = None
 
     def close(self) -> None:
         """Wait for the writer thread and close the file; re-raises a failed chunk."""
@@ -240,6 +266,8 @@ def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
         count_sql = cur.mogrify(window_count_query(src), params)
         rows_sql = cur.mogrify(query, params)  # values quoted by psycopg
         conn.rollback()
+        decided = decisions.window(conn, since, until)  # served decisions, if any are logged
+    bots = BotRewards({d["id"] for d in decided})
     sink = _ChunkWriter(
         folder,
         {
@@ -247,14 +275,19 @@ def _export_into(url: str, spec: ExportSpec, folder: Path) -> Manifest:
             "action": not parsed_by_server(src, "output", version),
         },
         spec.max_payload_bytes,
+        bots,
     )
     try:
         window_rows = _read_rows(url, count_sql, rows_sql, spec.chunk_bytes, sink.feed)
+        sink.drain()
+        joined, counts = join(decided, bots, until, spec.reward_wait_s, spec.missing_reward)
+        sink.write(joined)
     finally:
         sink.close()
     sha256 = snapshot.sha256(folder)
     manifest = _manifest(src, spec, query, sink, since, until, window_rows, naive_tz, sha256)
     manifest.source, manifest.source_id = source, source_id(source)
+    manifest.decisions = counts | {"bot_rows_naming_them": bots.rows}
     manifest.write(folder)
     return manifest
 
@@ -316,6 +349,6 @@ def _manifest(src, spec, query, sink, since, until, window_rows, naive_tz, sha25
         null_bot_rows=s["null_bot"],
         null_data_type_rows=s["null_data_type"],
         window_rows=window_rows,
-        limit_cut=window_rows > s["rows"],
+        limit_cut=window_rows > s["streamed"],
         naive_timezone=None if src.created_tz else naive_tz,
     )

@@ -30,6 +30,7 @@ challenger alone and reported apart).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -341,23 +342,27 @@ def compare_on_holdout(
     common the challenger is judged on the floors alone, as a first model is.
     """
     from model.evaluation import evaluate, per_row
-    from model.offpolicy import Behaviour
 
     train_mean = float(train_df["reward"].mean())
     new_pr = per_row(challenger, holdout)
-    behaviour = Behaviour(list(train_df["bot"]), list(train_df["input"]), list(train_df["action"]))
-    propensity, _ = behaviour.propensity(
-        list(holdout["bot"]), list(holdout["input"]), list(holdout["action"])
-    )
+    propensity, sources = _propensities(train_df, holdout)
     reward = holdout["reward"].to_numpy(float)
+
+    def evidence(new, old, r) -> dict:
+        value = value_evidence(spec, new, old, r)
+        value["propensities"] = sources
+        if champion is not None:
+            value["self_check"] = self_check(spec, champion, version, holdout)
+        return value
+
     new_rows = _policy_rows(challenger, challenger, holdout, new_pr["pred"], propensity)
     new_metrics = evaluate(challenger, holdout, train_mean)
     if champion is None:
-        value = value_evidence(spec, new_rows, None, reward)
+        value = evidence(new_rows, None, reward)
         return decide(spec, new_metrics, new_pr["sq_err"], None, None, version, value, alone=alone)
     both, apart = _rows_apart(spec, challenger, champion, holdout, new_pr["sq_err"], new_rows)
     if both.sum() < spec.min_holdout_rows:
-        value = value_evidence(spec, new_rows, None, reward)
+        value = evidence(new_rows, None, reward)
         alone = (
             f"v{version} can rank only {int(both.sum())} of the {len(holdout)} holdout rows "
             f"(fewer than {spec.min_holdout_rows}): judged on floors alone"
@@ -374,9 +379,27 @@ def compare_on_holdout(
         evaluate(champion, common, train_mean),
         per_row(champion, common)["sq_err"],
         version,
-        value_evidence(spec, new_rows.subset(both), old_rows, reward[both]),
+        evidence(new_rows.subset(both), old_rows, reward[both]),
         apart,
     )
+
+
+def _propensities(train_df, holdout) -> tuple[np.ndarray, dict]:
+    """Each holdout row's probability of its logged action: the one logged when a served
+    decision was made, else the behaviour model's estimate (fitted on `train_df`);
+    and how many rows had each."""
+    from model.offpolicy import Behaviour
+
+    behaviour = Behaviour(list(train_df["bot"]), list(train_df["input"]), list(train_df["action"]))
+    estimated, _ = behaviour.propensity(
+        list(holdout["bot"]), list(holdout["input"]), list(holdout["action"])
+    )
+    logged = holdout["propensity"].to_numpy(float)
+    has = np.isfinite(logged)
+    return np.where(has, logged, estimated), {
+        "logged": int(has.sum()),
+        "estimated": int((~has).sum()),
+    }
 
 
 def _rows_apart(spec: GateSpec, challenger, champion, holdout, sq_err, rows):
@@ -431,3 +454,54 @@ def _policy_rows(policy, critic, holdout, q_logged, propensity):
     scored = [a if c is None else c for c, a in zip(chosen, logged, strict=True)]
     q_chosen = critic.score(list(zip(bots, types, inputs, scored, strict=True)))
     return PolicyRows.build(q_chosen, q_logged, chosen, logged, propensity, holdout["reward"])
+
+
+def self_check(spec: GateSpec, champion, version: str | None, holdout) -> dict | None:
+    """The IPS estimate of Production's own (exploring) policy on the decisions it
+    served and logged, against their observed mean reward: recomputed from the model
+    and the logged settings, the probabilities match the logged ones and the two agree
+    within the interval. None when the holdout holds none of its decisions."""
+    from model.config import Exploration
+    from model.features import canonical_json
+
+    records = [json.loads(d) if isinstance(d, str) else None for d in holdout["decision"]]
+    own = [i for i, r in enumerate(records) if r and version and r.get("model_version") == version]
+    if not own:
+        return None
+    rows, recs = holdout.iloc[own], [records[i] for i in own]
+    ranked = champion.rank_many(
+        [(b, x, r["candidates"]) for b, x, r in zip(rows["bot"], rows["input"], recs, strict=True)],
+        list(rows["data_type"]),
+    )
+    pi = []
+    for ranking, rec, action in zip(ranked, recs, rows["action"], strict=True):
+        probs = Exploration(**rec["exploration"]).probabilities([c.lower for c in ranking])
+        keys = [canonical_json(c.action) for c in ranking]
+        chosen = canonical_json(action)
+        pi.append(float(probs[keys.index(chosen)]) if chosen in keys else 0.0)
+    w = np.asarray(pi) / rows["propensity"].to_numpy(float)
+    r = rows["reward"].to_numpy(float)
+    rng = np.random.default_rng(0)
+    boot = (w * r)[rng.integers(0, len(r), size=(spec.ope_bootstrap, len(r)))].mean(axis=1)
+    alpha = 1 - spec.confidence
+    lo, hi = (float(x) for x in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
+    out = {
+        "rows": len(r),
+        "ips": float(np.mean(w * r)),
+        "ci": [lo, hi],
+        "observed": float(r.mean()),
+        "max_weight_gap": float(np.max(np.abs(w - 1))),
+    }
+    out["agrees"] = bool(lo - 1e-9 <= out["observed"] <= hi + 1e-9)
+    out["warning"] = (
+        None
+        if out["agrees"]
+        else (
+            f"the IPS estimate of v{version}'s value on its own {len(r)} logged decisions, "
+            f"{out['ips']:+.4f} [{lo:+.4f}, {hi:+.4f}], does not contain their observed mean "
+            f"reward {out['observed']:+.4f}: the logged probabilities are not what v{version} "
+            "computes now (another model or other exploration settings served under its "
+            "name), or rewards were joined to the wrong decisions"
+        )
+    )
+    return out

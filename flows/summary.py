@@ -40,6 +40,7 @@ def _gate(gate: dict) -> list[str]:
     ]
     if (value := gate.get("value")) and value.get("note"):
         out += [f"Off-policy value: {value['note']}.", ""]
+    out += _logged_lines((value or {}).get("propensities"), (value or {}).get("self_check"))
     if rule := gate.get("rule"):
         out += [f"Rule: {rule}", ""]
     return out
@@ -54,7 +55,7 @@ def _estimate(e: dict | None, key: str) -> str:
 
 def _value_rows(value: dict | None) -> list[str]:
     """Off-policy value of each model's decisions (95% bootstrap intervals)."""
-    if not value:
+    if not value or not value.get("challenger"):
         return []
     ch, champ = value["challenger"], value.get("champion")
     out = [
@@ -94,6 +95,43 @@ def _apart_rows(apart: dict | None) -> list[str]:
     if apart.get("unranked"):
         out.append(f"| rows of bots neither model knows (left out) | {apart['unranked']} | — |")
     return out
+
+
+def _logged_lines(sources: dict | None, check: dict | None) -> list[str]:
+    """Which propensities the estimates used, and the self-check on logged decisions."""
+    out = []
+    if sources:
+        out += [
+            f"Propensities: {sources['logged']} holdout rows with the probability logged "
+            f"when the decision was served, {sources['estimated']} estimated by the "
+            "behaviour model.",
+            "",
+        ]
+    if check:
+        lo, hi = check["ci"]
+        line = (
+            f"Self-check: IPS of the champion on its own {check['rows']} logged decisions "
+            f"{check['ips']:+.4f} [{lo:+.4f}, {hi:+.4f}], observed mean reward "
+            f"{check['observed']:+.4f}: "
+        )
+        out += [line + ("agree." if check["agrees"] else f"**WARNING**: {check['warning']}."), ""]
+    return out
+
+
+def _decisions(d: dict | None) -> object:
+    if not d or not d.get("logged"):
+        return 0 if d is not None else None
+    wait = f"{d['reward_wait_s'] / 3600:g} h"
+    text = (
+        f"{d['logged']} logged: {d['joined']} joined with a reward ({d['from_api']} by "
+        f"POST /reward, {d['from_bot_rows']} by the bots' rows), {d['waiting']} waiting "
+        f"for the {wait} reward wait, {d['without_reward']} without a reward"
+    )
+    if d.get("late_rewards"):
+        text += f" ({d['late_rewards']} rewards came after the wait: not trained on)"
+    if d.get("default_reward") is not None and d["without_reward"]:
+        text += f", trained on with the default reward {d['default_reward']:g}"
+    return text
 
 
 def _source(snap: dict) -> object:
@@ -141,6 +179,7 @@ def _snapshot_rows(snap: dict) -> list[tuple[str, object]]:
         ("window", f"{snap['window']['since']} → {snap['window']['until']}"),
         ("newest row", snap.get("watermark")),
         ("source", _source(snap)),
+        ("served decisions", _decisions(snap.get("decisions"))),
         ("sha256", f"`{snap.get('sha256')}`"),
     ]
 

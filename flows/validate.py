@@ -31,20 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.settings import ExportSpec, ValidationSpec
-from model.snapshot import ACCEPTANCE, DATA, DOCS, VALIDATION, Manifest
-
-EXPECTED_COLUMNS = [
-    "id",
-    "bot_id",
-    "bot",
-    "data_type",
-    "input",
-    "input_ok",
-    "action",
-    "action_ok",
-    "reward",
-    "created_at",
-]
+from model.snapshot import ACCEPTANCE, DATA, DOCS, SCHEMA, VALIDATION, Manifest
 
 
 @dataclass
@@ -119,7 +106,7 @@ def _suite(spec: ValidationSpec, window: dict[str, str], min_rows: int):
     until = pd.Timestamp(window["until"])
     bad_mostly = 1.0 - spec.max_bad_payload_fraction
     return [
-        gxe.ExpectTableColumnsToMatchSet(column_set=EXPECTED_COLUMNS, exact_match=True),
+        gxe.ExpectTableColumnsToMatchSet(column_set=SCHEMA.names, exact_match=True),
         gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
         *[
             gxe.ExpectColumnValuesToNotBeNull(column=c)

@@ -1,8 +1,9 @@
-"""How a training runs, each setting declared once: the recipe and the launch.
+"""How a training runs, and how the served policy explores, each setting declared once.
 
 `TrainConfig` is the recipe (saved with the model), `LaunchConfig` how the process
-runs it. Every field is declared here once, with its default, its help and its
-limits; everything else is derived from these declarations:
+runs it, `Exploration` how the agent server draws its decisions (`VALIFI_SERVE_*`).
+Every field is declared here once, with its default, its help and its limits;
+everything else is derived from these declarations:
 
 - `python -m model.train` takes each field as an option (`add_options`, `parse`);
 - the flow's settings take each as `VALIFI_TRAIN_<FIELD>` (core.settings.TrainSpec
@@ -31,7 +32,7 @@ def setting(default, help: str, choices: tuple | None = None, ge: float | None =
     return field(default=default, metadata={"help": help, "choices": choices, "ge": ge})
 
 
-class _Checked:
+class Checked:
     """Dataclasses whose fields' limits are checked on construction."""
 
     def __post_init__(self) -> None:
@@ -48,7 +49,7 @@ class _Checked:
 
 
 @dataclass
-class TrainConfig(_Checked):
+class TrainConfig(Checked):
     """The training recipe; saved with every model (config.json)."""
 
     preset: str = setting("small", "network size: small (CPU) or large (GPU)", PRESETS)
@@ -106,7 +107,7 @@ class TrainConfig(_Checked):
 
 
 @dataclass
-class LaunchConfig(_Checked):
+class LaunchConfig(Checked):
     """How one training process runs (not saved with the model)."""
 
     accelerator: str = setting("auto", "auto, cpu or gpu", ("auto", "cpu", "gpu"))
@@ -123,6 +124,49 @@ class LaunchConfig(_Checked):
         ("none", "synthetic", "synthetic-hard"),
     )
     drift_at: str | None = setting(None, "the synthetic generator's drift time (ISO)")
+
+
+@dataclass
+class Exploration(Checked):
+    """How the served policy explores; every field is also `VALIFI_SERVE_<FIELD>`."""
+
+    exploration: str = setting(
+        "epsilon",
+        "epsilon: the best candidate with probability 1 - epsilon, else one at random; "
+        "softmax: each in proportion to exp(lower bound / temperature)",
+        ("epsilon", "softmax"),
+    )
+    epsilon: float = setting(0.1, "the share of decisions drawn at random (epsilon)", ge=0)
+    temperature: float = setting(0.05, "the softmax's temperature, in reward units", ge=1e-6)
+    min_probability: float = setting(
+        0.01, "every candidate's least probability (capped at 1 / candidates)", ge=0
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("epsilon", "min_probability"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} must be at most 1: {getattr(self, name)}")
+
+    def probabilities(self, lowers):
+        """The probability of each candidate, best first (`lowers`: their lower bounds,
+        in ranked order); they sum to 1."""
+        import numpy as np
+
+        lowers = np.asarray(lowers, float)
+        k = len(lowers)
+        if k == 0:
+            return np.zeros(0)
+        if self.exploration == "softmax":
+            z = np.exp((lowers - lowers.max()) / self.temperature)
+            p = z / z.sum()
+        else:
+            p = np.full(k, self.epsilon / k)
+            p[0] += 1.0 - self.epsilon
+        floor = min(self.min_probability, 1.0 / k)
+        if p.min() < floor:
+            p = (1.0 - k * floor) * p + floor
+        return p / p.sum()
 
 
 CONFIGS = (LaunchConfig, TrainConfig)

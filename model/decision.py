@@ -5,17 +5,43 @@ pyfunc (`mlflow models serve`) are thin adapters over `decide`. A request become
 document the bots log, `{"task": task, **context}` (without `candidates`), for the
 bot `agent`; `context.data_type` names its kind of data (else the bot's usual one);
 `context.candidates`, when given, are the actions to rank instead of the bot's bank.
+
+An answer is a decision. The model ranks the candidates by the lower bound of their
+reward; the exploration (`Exploration`, explicit and configurable) gives every
+candidate a probability, at least `min_probability`; the action is drawn with those
+probabilities by a number derived from the decision id alone. So a retry with the
+same id gets the same answer from the same model, and the logged probabilities can be
+recomputed from the logged lower bounds and settings (`Exploration.probabilities`)
+and the choice from the id (`draw`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import numpy as np
 
 from model.artifact import AgentModel, Ranked
+from model.config import Exploration
+from model.snapshot import DATA_TYPES
 
 RUNNERS_UP = 5  # ranked candidates shown after the chosen one
 DIGITS = 6  # scores are rounded to this many decimals in the answer
+
+
+def draw(decision_id: str, probabilities) -> int:
+    """The candidate a decision takes: the first whose cumulative probability exceeds a
+    uniform number made from the decision id (the same id, the same choice)."""
+    digest = hashlib.sha256(decision_id.encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    cumulative = np.cumsum(np.asarray(probabilities, float))
+    return int(
+        min(np.searchsorted(cumulative, u * cumulative[-1], side="right"), len(cumulative) - 1)
+    )
 
 
 @dataclass(frozen=True)
@@ -26,54 +52,105 @@ class Query:
     document: dict  # what the bots log as input: the task beside the context
     candidates: list[dict] | None  # None: the bot's bank
     data_type: str | None  # None: the bot's usual kind of data
+    decision_id: str = ""  # empty: a new one is made
 
     @classmethod
-    def of(cls, agent: str, task: str, context: dict) -> Query:
+    def of(cls, agent: str, task: str, context: dict, decision_id: str | None = None) -> Query:
         dt = context.get("data_type")
         return cls(
             agent=agent,
             document={"task": task, **{k: v for k, v in context.items() if k != "candidates"}},
             candidates=context.get("candidates") or None,
             data_type=dt if isinstance(dt, str) else None,
+            decision_id=decision_id or str(uuid.uuid4()),
         )
+
+
+@dataclass
+class Decision:
+    """An execute answer and the record the decision log keeps of it."""
+
+    answer: dict
+    record: dict
 
 
 class UnknownAgent(ValueError):
     """The model has no actions for this agent and the request named none."""
 
 
-def decide(model: AgentModel, queries: list[Query]) -> list[dict]:
-    """The execute answer of each query: all candidates of all queries ranked in one
-    batched forward pass."""
+def decide(
+    model: AgentModel,
+    queries: list[Query],
+    exploration: Exploration | None = None,
+    version: str | None = None,
+) -> list[Decision]:
+    """The decision of each query: all candidates of all queries ranked in one batched
+    forward pass, then each drawn under `exploration` (default: `Exploration()`)."""
+    exploration = exploration or Exploration()
     ranked = model.rank_many(
         [(q.agent, q.document, q.candidates) for q in queries], [q.data_type for q in queries]
     )
-    return [answer(q, r) for q, r in zip(queries, ranked, strict=True)]
+    data_types = [
+        q.data_type or model.default_data_type.get(q.agent) or DATA_TYPES[0] for q in queries
+    ]
+    return [
+        _decision(q, r, exploration, version, dt)
+        for q, r, dt in zip(queries, ranked, data_types, strict=True)
+    ]
 
 
-def answer(query: Query, ranked: list[Ranked]) -> dict:
-    """`type`, `agent`, `status`, `result` (the chosen action, its expected reward and
-    lower bound, the runners-up, where the candidates came from) and `answer`, a
-    sentence."""
+def _decision(q: Query, ranked: list[Ranked], ex: Exploration, version, data_type) -> Decision:
     if not ranked:
-        raise UnknownAgent(f"unknown agent {query.agent!r}: the model has no actions for it")
-    best, rest = ranked[0], ranked[1 : 1 + RUNNERS_UP]
-    sentence = (
-        f"{query.agent} recommends {describe(best.action)} (expected reward {best.score:+.3f}"
-    )
-    if rest:
-        sentence += f"; next best {describe(rest[0].action)} at {rest[0].score:+.3f}"
-    return {
+        raise UnknownAgent(f"unknown agent {q.agent!r}: the model has no actions for it")
+    probs = ex.probabilities([r.lower for r in ranked])
+    k = draw(q.decision_id, probs)
+    chosen, rest = ranked[k], [r for i, r in enumerate(ranked) if i != k]
+    answer = {
         "type": "execution",
-        "agent": query.agent,
+        "agent": q.agent,
         "status": "completed",
+        "decision_id": q.decision_id,
+        "probability": round(float(probs[k]), DIGITS),
+        "explored": k != 0,
         "result": {
-            **_scored(best),
-            "runners_up": [_scored(r) for r in rest],
-            "candidates": "context" if query.candidates else "action bank",
+            **_scored(chosen),
+            "runners_up": [_scored(r) for r in rest[:RUNNERS_UP]],
+            "candidates": "context" if q.candidates else "action bank",
         },
-        "answer": sentence + ")",
+        "answer": _sentence(q.agent, chosen, rest, k != 0),
     }
+    record = {
+        "id": q.decision_id,
+        "created_at": datetime.now(UTC).isoformat(),
+        "bot": q.agent,
+        "data_type": data_type,
+        "input": q.document,
+        "candidates": q.candidates,
+        "action": chosen.action,
+        "probability": float(probs[k]),
+        "explored": k != 0,
+        # unrounded: the probabilities are recomputed from these
+        "ranking": [
+            {
+                "action": r.action,
+                "expected_reward": r.score,
+                "lower_bound": r.lower,
+                "probability": float(p),
+            }
+            for r, p in zip(ranked, probs, strict=True)
+        ],
+        "model_version": version,
+        "exploration": asdict(ex),
+    }
+    return Decision(answer, record)
+
+
+def _sentence(agent: str, chosen: Ranked, rest: list[Ranked], explored: bool) -> str:
+    verb = "tries" if explored else "recommends"
+    text = f"{agent} {verb} {describe(chosen.action)} (expected reward {chosen.score:+.3f}"
+    if rest:
+        text += f"; next {describe(rest[0].action)} at {rest[0].score:+.3f}"
+    return text + ")"
 
 
 def _scored(r: Ranked) -> dict:
@@ -89,3 +166,12 @@ def describe(action: dict) -> str:
     name = action.get("action", json.dumps(action, sort_keys=True))
     extra = ", ".join(f"{k} {v}" for k, v in sorted(action.items()) if k != "action")
     return f"{name} ({extra})" if extra else str(name)
+
+
+def replay(record: dict) -> tuple[list[float], int]:
+    """From a logged decision record: the probabilities its logged lower bounds and
+    exploration settings give, and the index its id draws (what was served)."""
+    probs = Exploration(**record["exploration"]).probabilities(
+        [r["lower_bound"] for r in record["ranking"]]
+    )
+    return [float(p) for p in probs], draw(record["id"], probs)

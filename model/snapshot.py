@@ -2,11 +2,13 @@
 
     SNAPSHOT/
       data.parquet        SCHEMA: id, bot_id, bot, data_type, input, input_ok, action,
-                          action_ok, reward, created_at (UTC), newest first
+                          action_ok, reward, created_at (UTC), newest first; and for a
+                          served decision its propensity and its log record (decision)
       quarantine.parquet  QUARANTINE_SCHEMA: id, column, reason: each payload that
                           cannot be used; its row stays in data.parquet, flagged
       manifest.json       Manifest: counts, window and what it held, watermark, layout,
-                          query, sha256 of data.parquet, the source it came from
+                          query, sha256 of data.parquet, the source it came from, and
+                          the served decisions joined, waiting and without a reward
       validation/         Data Docs, written by validation
       validation.json     validation's summary
       acceptance.json     an operator's acceptance of a new mix of bots, if any
@@ -35,7 +37,8 @@ MANIFEST = "manifest.json"
 DOCS = "validation"
 VALIDATION = "validation.json"
 ACCEPTANCE = "acceptance.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: served decisions, with their propensity
+DECISION_COLUMNS = ("propensity", "decision")  # missing in format 1: null
 
 # The kinds of data the bots log (`data_type`); the first is a bot's default.
 DATA_TYPES = ("market_data", "user_feedback", "strategy_result")
@@ -58,6 +61,11 @@ def _schemas() -> dict[str, pa.Schema]:
                 ("action_ok", pa.bool_()),
                 ("reward", pa.float64()),
                 ("created_at", pa.timestamp("us", tz="UTC")),
+                # a served decision's: the probability it was chosen with, and the
+                # rest of its log record (model version, candidates, exploration) as
+                # JSON; null on the bots' own rows
+                ("propensity", pa.float64()),
+                ("decision", pa.string()),
             ]
         ),
         "QUARANTINE_SCHEMA": pa.schema(
@@ -107,6 +115,10 @@ class Manifest:
     # its short name: validation compares shares only with snapshots of the same source
     source: dict = field(default_factory=dict)
     source_id: str | None = None
+    # served decisions in the window (flows/rewards.py): joined with a reward, waiting
+    # for the reward wait to pass, without a reward, rewards that came after the wait,
+    # and where the joined rewards came from
+    decisions: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -135,6 +147,10 @@ def read_rows(snapshot: Path) -> pd.DataFrame:
     import pandas as pd
 
     df = pd.read_parquet(Path(snapshot) / DATA)
+    for col in DECISION_COLUMNS:  # a snapshot of format 1 has none
+        if col not in df:
+            df[col] = None
+    df["propensity"] = df["propensity"].astype("float64")
     ok = df["reward"].notna() & df["input_ok"].fillna(False) & df["action_ok"].fillna(False)
     df = df[ok].sort_values(["created_at", "id"], kind="mergesort").reset_index(drop=True)
     df["input"] = [json.loads(s) for s in df["input"]]

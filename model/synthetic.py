@@ -458,6 +458,19 @@ class World:
     def oracle_action(self, bot: str, x: Doc, when: datetime | None = None) -> Doc:
         return self.bots[bot].actions[int(np.argmax(self.rewards(bot, x, when)))]
 
+    def behaviour_value(self, bot: str, x: Doc, when: datetime | None = None) -> float:
+        """Expected true reward of the behaviour policy's action in context `x`."""
+        b, true = self.bots[bot], self.rewards(bot, x, when)
+        habit, explore, skill = self.behaviour
+        explored = float(np.dot(self._explore(b), true))
+        return habit * true[b.habit] + explore * explored + skill * true[self._skill(b, true)]
+
+    def noisy_reward(self, bot: str, x: Doc, a: Doc, rng: np.random.Generator, when=None):
+        """A reward as the world pays it: the true one plus noise, within the bounds."""
+        return float(
+            np.clip(self.true_reward(bot, x, a, when) + rng.normal(0, self.noise), *REWARD_BOUNDS)
+        )
+
     def _explore(self, bot: Bot) -> np.ndarray:
         w = np.ones(len(bot.actions))
         if bot.rare is not None:
@@ -574,6 +587,8 @@ def write_snapshot(
             "action_ok": [True] * len(df),
             "reward": df["reward"],
             "created_at": created,
+            "propensity": pa.nulls(len(df), pa.float64()),
+            "decision": pa.nulls(len(df), pa.string()),
         },
         schema=SCHEMA,
     )

@@ -12,11 +12,13 @@ batch-mates.
 annotation to FastAPI, which needs the class itself, not its name.)
 """
 
+import contextlib
 import hmac
 import json
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -28,9 +30,11 @@ from core.settings import ALIAS, Settings
 from model.decision import Query, decide
 from serving import metrics
 from serving.batching import DrainingBatchedLoop
+from serving.decision_log import DecisionLog
 from serving.follower import AliasFollower
 from serving.knowledge import KnowledgeBase
-from serving.requests import PredictRequest
+from serving.requests import PredictRequest, RewardRequest
+from serving.rewards import Rewards
 from serving.status import STATUS_DIR_ENV, worker_status
 
 log = logging.getLogger("valifi.serving")
@@ -60,6 +64,37 @@ def _error(status: int, message: str, served=None, headers=None, **extra) -> JSO
     )
 
 
+def _decision_log(settings: Settings) -> DecisionLog:
+    serve = settings.serve
+    url = settings.database_url if serve.log_decisions else None
+    if url is None:
+        log.warning(
+            "decisions are not logged: %s",
+            "VALIFI_SERVE_LOG_DECISIONS is off" if not serve.log_decisions else "no DATABASE_URL",
+        )
+    return DecisionLog(
+        url,
+        settings.data_dir / "decision-spool" / settings.model_name,
+        batch=serve.log_batch,
+        flush_s=serve.log_flush_s,
+        max_queue=serve.log_queue,
+        retry_s=serve.log_retry_s,
+    )
+
+
+def _flush_on_sigterm(decisions: DecisionLog) -> None:
+    """A worker told to stop first writes the decisions it holds (to the database, or
+    the spool), then stops as it would have."""
+
+    def stop(signum, frame):
+        decisions.close(timeout=5)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to install
+        signal.signal(signal.SIGTERM, stop)
+
+
 class AgentAPI(ls.LitAPI):
     def setup(self, device):
         # Registry calls from a worker fail fast: the alias follower retries on its next poll.
@@ -73,6 +108,8 @@ class AgentAPI(ls.LitAPI):
         self.worker = str(os.getpid())
         registry = Registry(self.settings.mlflow_tracking_uri, self.name)
         status_dir = os.environ.get(STATUS_DIR_ENV)
+        self.policy = self.settings.serve.policy()
+        self.decisions = _decision_log(self.settings).start()
         self.follower = AliasFollower(
             registry.champion,
             lambda version: registry.download(version, self.settings.serving_cache),
@@ -80,9 +117,12 @@ class AgentAPI(ls.LitAPI):
             self._on_reload,
             Path(status_dir) / f"{self.worker}.json" if status_dir else None,
             device=device,
+            report=lambda: {"decision_log": self.decisions.status()},
         )
+        self.decisions.on_change = self.follower.write_status
         self.follower.sync_once()  # serve the current Production from the first request
         self.follower.start()
+        _flush_on_sigterm(self.decisions)
 
     def _on_reload(self, outcome: str, version: str) -> None:
         metrics.RELOADS.labels(outcome, version).inc()
@@ -175,8 +215,10 @@ class AgentAPI(ls.LitAPI):
         return out
 
     def _execute(self, reqs: list[PredictRequest], served) -> list[dict]:
-        queries = [Query.of(r.agent_type, r.task, r.context) for r in reqs]
-        return [a | {"model_version": served.version} for a in decide(served.model, queries)]
+        queries = [Query.of(r.agent_type, r.task, r.context, r.decision_id) for r in reqs]
+        made = decide(served.model, queries, self.policy, served.version)
+        self.decisions.put([d.record for d in made])  # queued: written off the request's path
+        return [d.answer | {"model_version": served.version} for d in made]
 
     # -- info --
     def _info(self, req: PredictRequest, served) -> dict:
@@ -399,6 +441,12 @@ def build_server(settings: Settings, api_class: type[ls.LitAPI] = AgentAPI) -> l
     server.app.add_exception_handler(StarletteHTTPException, _http_error(settings))
     server.app.add_api_route("/metrics", prometheus, methods=["GET"])
     server.app.add_api_route("/status", status, methods=["GET"])
+    rewards = Rewards(settings)
+
+    def reward(body: RewardRequest):
+        return rewards.record(body)
+
+    server.app.add_api_route("/reward", reward, methods=["POST"])
     return server
 
 

@@ -83,6 +83,7 @@ class AliasFollower:
         on_reload: Callable[[str, str], None] | None = None,
         status_file: Path | None = None,
         device: str = "cpu",
+        report: Callable[[], dict] | None = None,
     ):
         self.resolve = resolve
         self.fetch = fetch
@@ -90,6 +91,7 @@ class AliasFollower:
         self.on_reload = on_reload or (lambda outcome, version: None)
         self.status_file = status_file
         self.device = device
+        self.report = report or dict  # more of this worker's status (the decision log)
         self.served: Served | None = None
         self._previous: Served | None = None  # the one served before, still loaded
         self.status = ReloadStatus()
@@ -195,6 +197,10 @@ class AliasFollower:
             "loaded_at": s.loaded_at if s else None,
             "updated_at": time.time(),
         } | {k: v for k, v in asdict(self.status).items() if k != "history"}
+        try:
+            doc |= self.report()
+        except Exception as exc:  # a report: never let it stop the status
+            doc["report_error"] = str(exc)
         tmp = self.status_file.with_name(f".{self.status_file.name}.tmp")
         try:
             tmp.write_text(json.dumps(doc, default=str))

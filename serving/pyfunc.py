@@ -5,7 +5,9 @@ the model; it imports `model` alone, which is logged beside it).
 /invocations with `{"dataframe_records": [{"agent_type": "trading_advanced",
 "task": "Analyze AAPL stock and suggest trade", "context": {...}}]}` answers, per
 record, the execute answer `/predict` gives (model.decision), without
-`model_version`, which only the agent server knows.
+`model_version`, which only the agent server knows. A record's `decision_id` draws the
+same decision as on the agent server; the exploration is the default one, or what the
+request's `params` set. Its decisions are not logged.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class AgentPyfunc(PythonModel):
         self.model = load(context.artifacts["agent"])  # verifies the canary set
 
     def predict(self, context, model_input, params=None):
+        from model.config import Exploration
         from model.decision import Query, decide
 
         queries = []
@@ -38,8 +41,9 @@ class AgentPyfunc(PythonModel):
             bot = r.get("agent_type") or r.get("bot")
             if bot not in self.model.bank and not ctx.get("candidates"):
                 raise ValueError(f"unknown agent {bot!r}; known: {', '.join(self.model.bots)}")
-            queries.append(Query.of(bot, r.get("task", ""), ctx))
-        return decide(self.model, queries)
+            queries.append(Query.of(bot, r.get("task", ""), ctx, r.get("decision_id")))
+        # the exploration's defaults (the agent server's, unless VALIFI_SERVE_* change them)
+        return [d.answer for d in decide(self.model, queries, Exploration(**(params or {})))]
 
 
 mlflow.models.set_model(AgentPyfunc())

@@ -10,6 +10,7 @@ tokenized.
 """
 
 import math
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -74,6 +75,9 @@ class PredictRequest(BaseModel):
     agent_type: str = Field("auto", min_length=1, max_length=100)
     query_type: Literal["auto", "info", "execute"] = "auto"
     context: dict[str, Any] = Field(default_factory=dict)
+    # an execute request's decision id (a new UUID when absent): the same id, the same
+    # answer from the same model, and the decision logged once
+    decision_id: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[\w.:-]+$")
 
     @field_validator("task", "agent_type")
     @classmethod
@@ -98,3 +102,13 @@ class PredictRequest(BaseModel):
                 f"context.candidates must be a list of 1 to {MAX_CANDIDATES} non-empty JSON objects"
             )
         return v
+
+
+class RewardRequest(BaseModel):
+    """POST /reward: the reward a decision earned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision_id: str = Field(min_length=1, max_length=100)
+    reward: float = Field(allow_inf_nan=False)
+    at: datetime | None = None  # when it was earned (default: when it arrives)

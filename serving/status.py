@@ -65,5 +65,21 @@ def worker_status(settings: Settings) -> dict:
         "problems": problems,
         "expected_workers": settings.serve.workers,
         "versions": sorted(v or "none" for v in served),
+        "decisions": decisions_logged(live),
         "workers": workers,
     }
+
+
+def decisions_logged(live: list[dict]) -> str:
+    """Whether the live workers log their decisions, in a phrase."""
+    logs = [w.get("decision_log") or {} for w in live]
+    if not logs:
+        return "no worker running"
+    off = [d.get("reason") for d in logs if not d.get("logging")]
+    if off:
+        return f"not logged: {off[0]}"
+    spooling = [d for d in logs if d.get("state") == "spooling"]
+    if spooling:
+        waiting = max(d.get("spooled", 0) for d in spooling)
+        return f"spooled to disk ({waiting} waiting): {spooling[0].get('reason')}"
+    return f"logged ({sum(d.get('written', 0) for d in logs)} written)"

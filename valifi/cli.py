@@ -402,12 +402,16 @@ def serve(
     import time
 
     from serving.status import STATUS_DIR_ENV
+    from valifi import stack as local
     from valifi.supervise import supervise
 
     settings = _settings()
     port = port or settings.local_port(settings.python_agent_url) or 8000
     if workers:  # the worker processes read settings from the environment
         os.environ["VALIFI_SERVE_WORKERS"] = str(workers)
+    if not settings.database_url and local.embedded_pg_running(settings):
+        # the decision log goes where the flows read: the stack's embedded database
+        os.environ["DATABASE_URL"] = local.start_embedded_pg(settings)
     # Every process of the server writes its metrics and status here; /metrics and
     # /status add them up.
     for kind, var in (("metrics", "PROMETHEUS_MULTIPROC_DIR"), ("status", STATUS_DIR_ENV)):

@@ -161,11 +161,14 @@ def test_original_design_examples(server):
     result = body["result"]
     assert result["action"]["action"] in {"buy", "sell", "hold"}
     assert len(result["runners_up"]) == 3 and result["candidates"] == "action bank"
-    ranked = [result, *result["runners_up"]]
-    lower = [r["lower_bound"] for r in ranked]  # the ranking orders by the lower bound
+    lower = [r["lower_bound"] for r in result["runners_up"]]  # ranked by the lower bound
     assert lower == sorted(lower, reverse=True)
+    ranked = [result, *result["runners_up"]]
     assert all(r["lower_bound"] < r["expected_reward"] for r in ranked)
-    assert "trading_advanced recommends" in body["answer"]
+    best = max(ranked, key=lambda r: r["lower_bound"])
+    assert (best["action"] == result["action"]) != body["explored"]  # explored: not the best
+    verb = "tries" if body["explored"] else "recommends"
+    assert f"trading_advanced {verb}" in body["answer"] and 0 < body["probability"] <= 1
 
 
 def test_wording_variants_find_the_same_topic(server):

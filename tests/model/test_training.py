@@ -229,5 +229,6 @@ def test_an_artifact_made_by_the_code_before_the_reorganisation_loads_and_scores
     assert r.returncode == 0, r.stderr[-3000:]
     model = load(tmp_path / "o" / "artifact")  # verifies the canaries: scores as it did
     assert model.config["model"]["cross"] is True
-    (answer,) = decide(model, [Query.of("trading_advanced", "Find a trade", {"symbol": "AAPL"})])
+    (made,) = decide(model, [Query.of("trading_advanced", "Find a trade", {"symbol": "AAPL"})])
+    answer = made.answer
     assert answer["result"]["action"] in World().bots["trading_advanced"].actions

@@ -83,7 +83,8 @@ model = artifact.AgentModel(net, fz, bank, {{"bot": "market_data"}})
 canary = [dict(bot=b, data_type=d, input=x, action=a) for b, d, x, a in rows[:4]]
 path = artifact.save({str(tmp_path / "a")!r}, model, {{"model": net.cfg.to_dict()}}, canary, {{}})
 loaded = artifact.load(path)
-(answer,) = decide(loaded, [Query.of("bot", "go", {{"rsi": 12.0}})])
+(made,) = decide(loaded, [Query.of("bot", "go", {{"rsi": 12.0}})])
+answer = made.answer
 assert answer["result"]["action"] in bank["bot"], answer
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")))
 """

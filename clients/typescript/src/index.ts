@@ -1,5 +1,6 @@
 /**
- * A typed client for the Valifi agent server: `POST {baseUrl}/predict`, `GET /health`.
+ * A typed client for the Valifi agent server: `POST {baseUrl}/predict`, `POST /reward`,
+ * `GET /health`.
  *
  * Node's built-in fetch, no runtime dependencies. Each call has a timeout. Only
  * failures that are safe to repeat are retried, with exponential backoff: a
@@ -16,6 +17,8 @@ export interface PredictRequest {
   agent_type?: string;
   query_type?: QueryType;
   context?: Record<string, unknown> & { candidates?: Record<string, unknown>[] };
+  /** an execute request's own id: a retry with it gets the same answer, logged once */
+  decision_id?: string;
 }
 
 export interface RankedAction {
@@ -29,6 +32,12 @@ export interface ExecutionAnswer {
   type: "execution";
   agent: string;
   status: string;
+  /** the decision's id: report its reward with `reward(decision_id, ...)` */
+  decision_id: string;
+  /** the probability with which the served policy chose this action, in (0, 1] */
+  probability: number;
+  /** true when the action is not the best-ranked one (exploration) */
+  explored: boolean;
   result: RankedAction & {
     runners_up: RankedAction[];
     candidates: "context" | "action bank";
@@ -46,6 +55,17 @@ export interface InfoAnswer {
 }
 
 export type Answer = ExecutionAnswer | InfoAnswer;
+
+/** What `POST /reward` answers. */
+export interface RewardAnswer {
+  type: "reward";
+  decision_id: string;
+  reward: number;
+  recorded_at: string;
+  /** "already recorded": a retry of the same reward (it is recorded once) */
+  status: "recorded" | "already recorded";
+  answer: string;
+}
 
 /** What the server sends with every 4xx/5xx. */
 export interface ErrorBody {
@@ -151,18 +171,30 @@ export class ValifiClient {
     return (await this.predict({ task, query_type: "info", context })) as InfoAnswer;
   }
 
-  /** Ask an agent to act: the best action from its bank, or from `context.candidates`. */
+  /** Ask an agent to act: a decision among its bank's actions, or `context.candidates`. */
   async execute(
     task: string,
     agentType: string,
     context?: PredictRequest["context"],
+    decisionId?: string,
   ): Promise<ExecutionAnswer> {
     return (await this.predict({
       task,
       agent_type: agentType,
       query_type: "execute",
       context,
+      ...(decisionId ? { decision_id: decisionId } : {}),
     })) as ExecutionAnswer;
+  }
+
+  /**
+   * `POST /reward`: the reward a decision earned, recorded once (a retry of the same
+   * reward is safe). An unknown decision is a 404, a value out of bounds a 422, another
+   * reward for a decision that has one a 409.
+   */
+  reward(decisionId: string, reward: number, at?: Date): Promise<RewardAnswer> {
+    const body = { decision_id: decisionId, reward, ...(at ? { at: at.toISOString() } : {}) };
+    return this.request<RewardAnswer>("POST", "/reward", body);
   }
 
   /** True when the server is up and its workers are ready (`GET /health` is 200). */

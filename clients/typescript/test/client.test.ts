@@ -153,6 +153,33 @@ describe("the Valifi client against a live server", () => {
     assert.ok(a.result.runners_up.length > 0);
   });
 
+  test("an execute answer is a decision whose reward is recorded once", async (t) => {
+    const a = await served.execute("Find a trade", "trading_advanced", { symbol: "NVDA" });
+    assert.ok(a.probability > 0 && a.probability <= 1);
+    assert.equal(typeof a.explored, "boolean");
+    const again = await served.execute("Find a trade", "trading_advanced", { symbol: "NVDA" }, a.decision_id);
+    assert.deepEqual(again.result, a.result); // the same id: the same decision
+    let recorded;
+    for (let i = 0; ; i++) {
+      // the decision reaches the log a moment after the answer
+      try {
+        recorded = await served.reward(a.decision_id, 0.5);
+        break;
+      } catch (err) {
+        if (err instanceof ValifiUnavailableError && /not logged/.test(err.message)) {
+          t.skip("this server has no database: its decisions are not logged");
+          return;
+        }
+        if (!(err instanceof ValifiRequestError) || err.status !== 404 || i > 50) throw err;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    assert.equal(recorded.status, "recorded");
+    assert.equal((await served.reward(a.decision_id, 0.5)).status, "already recorded");
+    const clash = await served.reward(a.decision_id, -0.5).then(() => null, (e: unknown) => e);
+    assert.ok(clash instanceof ValifiRequestError && clash.status === 409);
+  });
+
   test("execute with context.candidates", async () => {
     const candidates = [{ action: "buy", size: "small" }, { action: "hold" }];
     const a = await served.execute("Should I buy?", "trading_advanced", { candidates });
