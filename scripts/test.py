@@ -22,7 +22,8 @@ def main(argv: list[str]) -> int:
     if "--fast" in argv:
         argv = [a for a in argv if a != "--fast"] + ["-m", "not e2e and not slow and not gpu"]
     if not any(a.startswith(("-n", "--numprocesses")) for a in argv):
-        argv = ["-n", "2", "--dist", "loadfile", *argv]
+        # modules in the order conftest.py gives (the slowest first)
+        argv = ["-n", "2", "--dist", "loadfile", "--no-loadscope-reorder", *argv]
     return exec_in_env([python, "-m", "pytest", *argv])
 
 
