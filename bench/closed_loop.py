@@ -2,16 +2,17 @@
 promotion → hot swap, day after day, on the synthetic world (true rewards known).
 
     python3 scripts/bench.py closed_loop [--days 7] [--requests 250] [--worlds default hard]
-                                         [--epsilons 0.1] [--no-greedy] [--no-vw]
+                                         [--epsilons 0.05] [--no-greedy] [--no-vw]
 
 One stack of its own (embedded PostgreSQL, MLflow, Prefect). For each world and each
 loop, a database and a model of its own: day 0 seeds the bots' table with
 `--seed-rows` rows (2,000; the hard world 4,000) of the behaviour policy's logs over
-the week before and runs the real `train` flow (v1). Then each day every bot sends `--requests` execute requests
-to the live agent server, the world draws each reward from its truth and the bot
-posts it to `POST /reward`, and the `train` flow runs (export with the decisions
-joined, validation, training, the gate, promotion, hot swap: the server serves the
-new version before the next day starts). The loops see the same contexts each day:
+the week before and runs the real `train` flow (v1). Then each day every bot sends
+`--requests` execute requests to the live agent server, the world draws each reward
+from its truth and the bot posts it to `POST /reward`, and the `train` flow runs
+(export with the decisions joined, validation, training, the gate, promotion, hot
+swap: the server serves the new version before the next day starts). The loops see
+the same contexts each day:
 
 - ours with exploration (epsilon-greedy, each `--epsilons` value);
 - ours greedy (exploration off: probability 1, no floor);
@@ -99,7 +100,7 @@ class Ours(Loop):
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        line = f"{state.name}: {state.message}"[:240]
+        line = f"{state.name}: {state.message}"
         self.nights.append(line)
         if self.proc is None:
             self.proc = self._start()
@@ -383,7 +384,7 @@ def main() -> int:
         "--seed-rows", type=int, help="the bots' log before day 1 (2000; the hard world 4000)"
     )
     p.add_argument("--worlds", nargs="+", default=["default", "hard"])
-    p.add_argument("--epsilons", type=float, nargs="+", default=[0.1])
+    p.add_argument("--epsilons", type=float, nargs="+", default=[0.05])
     p.add_argument("--no-greedy", dest="greedy", action="store_false")
     p.add_argument("--no-vw", dest="vw", action="store_false")
     p.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,7 @@ import pytest
 
 from core.registry import Registry
 from flows.export import ExportSpec, export_snapshot
+from model.config import Exploration
 from model.decision import replay
 from model.snapshot import Manifest, read_rows
 from model.synthetic import World
@@ -230,7 +231,8 @@ def test_an_execute_answer_is_a_decision_logged_once_and_replayable(server, pg):
         row = logged[a["decision_id"]]
         assert row["action"] == a["result"]["action"] and row["model_version"] == version
         assert row["probability"] == pytest.approx(a["probability"], abs=1e-6)
-        assert row["exploration"]["epsilon"] == 0.1 and row["input"]["task"] == EXECUTE["task"]
+        assert row["exploration"]["epsilon"] == Exploration().epsilon
+        assert row["input"]["task"] == EXECUTE["task"]
         probs, k = replay(row)  # the logged scores and settings give the same
         assert sum(probs) == pytest.approx(1.0, abs=1e-6)
         assert probs == pytest.approx([r["probability"] for r in row["ranking"]], abs=1e-9)
