@@ -114,6 +114,36 @@ class Encoded:
     cut: np.ndarray  # int64 on a number: how many of its path's cuts it passed (0 elsewhere)
 
 
+def _word_level(texts: list[str], max_words: int, min_count: int) -> Tokenizer:
+    """The word vocabulary of the texts: lower-cased NFKC words seen `min_count` times."""
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=max_words,
+        min_frequency=min_count,
+        special_tokens=["[UNK]"],
+        show_progress=False,
+    )
+    words.train_from_iterator(texts, trainer=trainer)
+    return words
+
+
+def _categories(
+    strings: dict[str, Counter[str]], paths: dict[str, int], min_count: int
+) -> dict[str, list[str]]:
+    """The kept paths whose few short strings are categories: their values seen
+    `min_count` times (paths with none left out)."""
+    categories = {
+        p: sorted(v for v, c in seen.items() if c >= min_count)
+        for p, seen in strings.items()
+        if p in paths
+        and len(seen) <= CATEGORIES_PER_PATH
+        and all(len(v) <= CATEGORY_CHARS for v in seen)
+    }
+    return {p: v for p, v in categories.items() if v}
+
+
 def _quantiles(values: list[float]) -> list[float]:
     """The path's CDF as distinct values at evenly spaced quantiles."""
     q = np.quantile(np.asarray(values, np.float64), np.linspace(0, 1, QUANTILES))
@@ -198,34 +228,15 @@ class Featurizer:
         kept = sorted(p for p, c in path_counts.items() if c >= min_count)
         paths = {p: len(SPECIALS) + i for i, p in enumerate(kept)}
         stats = {p: (float(np.mean(v)), float(np.std(v)) or 1.0) for p, v in values.items()}
-        words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-        words.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-        words.pre_tokenizer = pre_tokenizers.Whitespace()
-        trainer = trainers.WordLevelTrainer(
-            vocab_size=max_words,
-            min_frequency=min_count,
-            special_tokens=["[UNK]"],
-            show_progress=False,
-        )
-        words.train_from_iterator(texts, trainer=trainer)
-        quantiles = {p: _quantiles(v) for p, v in values.items()}
         cuts = {p: splits.path_cuts(g.values()) for p, g in by_group.items() if p in paths}
-        categories = {
-            p: sorted(v for v, c in seen.items() if c >= min_count)
-            for p, seen in strings.items()
-            if p in paths
-            and len(seen) <= CATEGORIES_PER_PATH
-            and all(len(v) <= CATEGORY_CHARS for v in seen)
-        }
-        categories = {p: v for p, v in categories.items() if v}
         return cls(
             paths,
             stats,
-            words,
+            _word_level(texts, max_words, min_count),
             max_len,
             missing,
-            quantiles,
-            categories,
+            {p: _quantiles(v) for p, v in values.items()},
+            _categories(strings, paths, min_count),
             words_after_category=False,
             cuts={p: c for p, c in cuts.items() if c},
         )
