@@ -64,6 +64,19 @@ INSERT = (
 )
 
 
+def connect(url: str):
+    """A connection to the decision log's database, the table made sure of."""
+    import psycopg
+
+    conn = psycopg.connect(url, connect_timeout=5)
+    try:
+        ensure(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def ensure(conn) -> None:
     """Create the table and its index if they are missing (idempotent; commits)."""
     with conn.cursor() as cur:

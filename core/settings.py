@@ -204,7 +204,7 @@ def _specs():
 
 class _ServeSpecBase(BaseModel):
     """The agent server; with every field of the served policy's exploration
-    (model.decision.Exploration)."""
+    (model.config.Exploration)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from core.registry import Registry, RegistryError
 from core.settings import GateSpec
-from model.metrics import paired_bootstrap_ci
+from model.metrics import bootstrap_ci, paired_bootstrap_ci
 from model.result import TrainResult
 
 
@@ -481,13 +481,10 @@ def self_check(spec: GateSpec, champion, version: str | None, holdout) -> dict |
         pi.append(float(probs[keys.index(chosen)]) if chosen in keys else 0.0)
     w = np.asarray(pi) / rows["propensity"].to_numpy(float)
     r = rows["reward"].to_numpy(float)
-    rng = np.random.default_rng(0)
-    boot = (w * r)[rng.integers(0, len(r), size=(spec.ope_bootstrap, len(r)))].mean(axis=1)
-    alpha = 1 - spec.confidence
-    lo, hi = (float(x) for x in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
+    ips, lo, hi = bootstrap_ci(w * r, spec.ope_bootstrap, 1 - spec.confidence)
     out = {
         "rows": len(r),
-        "ips": float(np.mean(w * r)),
+        "ips": ips,
         "ci": [lo, hi],
         "observed": float(r.mean()),
         "max_weight_gap": float(np.max(np.abs(w - 1))),

@@ -85,8 +85,12 @@ def decide(
     version: str | None = None,
 ) -> list[Decision]:
     """The decision of each query: all candidates of all queries ranked in one batched
-    forward pass, then each drawn under `exploration` (default: `Exploration()`)."""
+    forward pass, then each drawn under `exploration` (default: `Exploration()`).
+    UnknownAgent when a query names no candidates for an agent the model does not know."""
     exploration = exploration or Exploration()
+    for q in queries:
+        if not q.candidates and not model.knows(q.agent):
+            raise UnknownAgent(f"unknown agent {q.agent!r}; known: {', '.join(model.bots)}")
     ranked = model.rank_many(
         [(q.agent, q.document, q.candidates) for q in queries], [q.data_type for q in queries]
     )
@@ -100,8 +104,6 @@ def decide(
 
 
 def _decision(q: Query, ranked: list[Ranked], ex: Exploration, version, data_type) -> Decision:
-    if not ranked:
-        raise UnknownAgent(f"unknown agent {q.agent!r}: the model has no actions for it")
     probs = ex.probabilities([r.lower for r in ranked])
     k = draw(q.decision_id, probs)
     chosen, rest = ranked[k], [r for i, r in enumerate(ranked) if i != k]

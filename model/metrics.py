@@ -55,14 +55,20 @@ def replay_value(
     return (float(r[match].mean()) if n else float("nan")), n
 
 
+def bootstrap_ci(
+    x: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of `x` with a percentile bootstrap interval: (mean, low, high)."""
+    x = np.asarray(x, float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    lo, hi = np.quantile(x[idx].mean(axis=1), [alpha / 2, 1 - alpha / 2])
+    return float(x.mean()), float(lo), float(hi)
+
+
 def paired_bootstrap_ci(
     a: Sequence[float], b: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float, float]:
     """Mean of a - b over paired samples with a percentile bootstrap interval:
     (mean difference, low, high)."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-    means = d[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(d.mean()), float(lo), float(hi)
+    return bootstrap_ci(np.asarray(a, float) - np.asarray(b, float), n_boot, alpha, seed)

@@ -126,11 +126,8 @@ class DecisionLog:
             self.on_change()
 
     def _connection(self):
-        import psycopg
-
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.url, connect_timeout=5)
-            decisions.ensure(self._conn)
+            self._conn = decisions.connect(self.url)
         return self._conn
 
     def _down(self, exc: Exception) -> None:

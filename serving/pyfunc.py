@@ -35,13 +35,15 @@ class AgentPyfunc(PythonModel):
         from model.config import Exploration
         from model.decision import Query, decide
 
-        queries = []
-        for r in _records(model_input):
-            ctx = r.get("context") or {}
-            bot = r.get("agent_type") or r.get("bot")
-            if bot not in self.model.bank and not ctx.get("candidates"):
-                raise ValueError(f"unknown agent {bot!r}; known: {', '.join(self.model.bots)}")
-            queries.append(Query.of(bot, r.get("task", ""), ctx, r.get("decision_id")))
+        queries = [
+            Query.of(
+                r.get("agent_type") or r.get("bot"),
+                r.get("task", ""),
+                r.get("context") or {},
+                r.get("decision_id"),
+            )
+            for r in _records(model_input)
+        ]  # an unknown agent is decide's UnknownAgent (a ValueError)
         # the exploration's defaults (the agent server's, unless VALIFI_SERVE_* change them)
         return [d.answer for d in decide(self.model, queries, Exploration(**(params or {})))]
 

@@ -40,11 +40,8 @@ class Rewards:
         self._lock = threading.Lock()
 
     def _connection(self):
-        import psycopg
-
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.url, connect_timeout=5)
-            decisions.ensure(self._conn)
+            self._conn = decisions.connect(self.url)
         return self._conn
 
     def record(self, req: RewardRequest):

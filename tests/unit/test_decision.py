@@ -97,3 +97,14 @@ def test_over_ten_thousand_decisions_the_explored_share_is_the_settings(model):
     half = 3.29 * math.sqrt(expected * (1 - expected) / n)
     assert abs(explored / n - expected) <= half, (explored, expected)
     assert {d.answer["probability"] for d in made} == {0.925, 0.025}
+
+
+def test_an_agent_the_model_does_not_know_is_refused_before_any_ranking(model):
+    from model.decision import UnknownAgent
+
+    for agent in ("no_such_bot", None):
+        with pytest.raises(UnknownAgent, match=f"unknown agent {agent!r}; known: bot"):
+            decide(model, [Query.of("bot", "t", {}), Query.of(agent, "t", {})])
+    # with candidates of its own, any agent is ranked
+    (made,) = decide(model, [Query.of("no_such_bot", "t", {"candidates": BANK[:2]})])
+    assert made.answer["result"]["action"] in BANK[:2]
