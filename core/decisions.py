@@ -4,12 +4,16 @@ Every execute decision the agent server makes is a row: its id, when, the bot, t
 data type, the input as the bots log it, the candidates (NULL: the bank of
 `model_version`), the action chosen, the probability it was chosen with, whether
 that was exploration, the whole ranking (each candidate's expected reward, lower
-bound and probability), the model version and the exploration settings. The reward
+bound and probability), the model version, the exploration settings and the time the
+model took per decision of its batch (`decide_ms`). The reward
 is recorded once per decision, by `POST /reward` (`record_reward`) or by a row the
 bots write to their own table naming the decision (`decision_id` in its output);
 the nightly export joins them after a reward wait.
 
-The table is created on first use (`ensure`), in whatever database the flows read.
+Beside it, `agent_shadow`: the Challenger's view of the same decisions (serving.shadow),
+read back by `shadow_window` for the shadow report.
+
+The tables are created on first use (`Log.ensure`), in whatever database the flows read.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 TABLE = "agent_decisions"
+SHADOW_TABLE = "agent_shadow"
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -38,39 +43,134 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     reward_at     timestamptz,
     reward_source text
 );
+ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS decide_ms double precision;
 CREATE INDEX IF NOT EXISTS {TABLE}_created_at ON {TABLE} (created_at);
 """
 
-COLUMNS = (
+# The Challenger's view of the same decisions (serving.shadow): for each execute
+# decision the shadow took up, the Challenger version, whether it scored it (`scored`),
+# or why not (`skipped`: over the time budget; `error`: it raised; `missing`: the alias
+# names a version this worker has not loaded), and when scored, its own ranking of the
+# same candidates under the same exploration (each with its probability), the action
+# it would have drawn, its first-ranked action, whether that is Production's first,
+# the probability it gives the action Production served, and the time it took.
+SHADOW_DDL = f"""
+CREATE TABLE IF NOT EXISTS {SHADOW_TABLE} (
+    decision_id        text NOT NULL,
+    challenger_version text NOT NULL,
+    created_at         timestamptz NOT NULL,
+    bot                text NOT NULL,
+    production_version text,
+    outcome            text NOT NULL,
+    reason             text,
+    action             jsonb,
+    first              jsonb,
+    agrees             boolean,
+    logged_probability double precision,
+    ranking            jsonb,
+    scoring_ms         double precision,
+    PRIMARY KEY (decision_id, challenger_version)
+);
+CREATE INDEX IF NOT EXISTS {SHADOW_TABLE}_created_at ON {SHADOW_TABLE} (created_at);
+"""
+
+
+@dataclass(frozen=True)
+class Log:
+    """One append-only log table: its DDL, the columns a record fills, and its key (a
+    record already written is left as it is: a retried request, a replayed spool)."""
+
+    table: str
+    ddl: str
+    columns: tuple[str, ...]
+    json_columns: frozenset[str]
+    key: str
+
+    @property
+    def insert_sql(self) -> str:
+        values = ", ".join(
+            f"%({c})s::jsonb" if c in self.json_columns else f"%({c})s" for c in self.columns
+        )
+        return (
+            f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES ({values}) "
+            f"ON CONFLICT ({self.key}) DO NOTHING"
+        )
+
+    def row(self, record: dict) -> dict:
+        """A record as the insert's parameters."""
+        return {
+            c: (None if record.get(c) is None else json.dumps(record[c]))
+            if c in self.json_columns
+            else record.get(c)
+            for c in self.columns
+        }
+
+    def ensure(self, conn) -> None:
+        """Create the table and its index if they are missing (idempotent; commits)."""
+        with conn.cursor() as cur:
+            # one at a time: two CREATE ... IF NOT EXISTS at once can collide on the catalog
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
+            cur.execute(self.ddl)
+        conn.commit()
+
+    def insert(self, conn, records: list[dict]) -> None:
+        """Write records in one transaction."""
+        with conn.cursor() as cur:
+            cur.executemany(self.insert_sql, [self.row(r) for r in records])
+        conn.commit()
+
+
+DECISIONS = Log(
+    TABLE,
+    DDL,
+    (
+        "id",
+        "created_at",
+        "bot",
+        "data_type",
+        "input",
+        "candidates",
+        "action",
+        "probability",
+        "explored",
+        "ranking",
+        "model_version",
+        "exploration",
+        "decide_ms",
+    ),
+    frozenset({"input", "candidates", "action", "ranking", "exploration"}),
     "id",
-    "created_at",
-    "bot",
-    "data_type",
-    "input",
-    "candidates",
-    "action",
-    "probability",
-    "explored",
-    "ranking",
-    "model_version",
-    "exploration",
 )
-JSON_COLUMNS = {"input", "candidates", "action", "ranking", "exploration"}
-
-INSERT = (
-    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ("
-    + ", ".join(f"%({c})s::jsonb" if c in JSON_COLUMNS else f"%({c})s" for c in COLUMNS)
-    + ") ON CONFLICT (id) DO NOTHING"
+SHADOW = Log(
+    SHADOW_TABLE,
+    SHADOW_DDL,
+    (
+        "decision_id",
+        "challenger_version",
+        "created_at",
+        "bot",
+        "production_version",
+        "outcome",
+        "reason",
+        "action",
+        "first",
+        "agrees",
+        "logged_probability",
+        "ranking",
+        "scoring_ms",
+    ),
+    frozenset({"action", "first", "ranking"}),
+    "decision_id, challenger_version",
 )
 
 
-def connect(url: str):
-    """A connection to the decision log's database, the table made sure of."""
+def connect(url: str, log: Log = DECISIONS):
+    """A connection to the database of `log`, its table made sure of."""
     import psycopg
 
     conn = psycopg.connect(url, connect_timeout=5)
     try:
-        ensure(conn)
+        log.ensure(conn)
     except BaseException:
         conn.close()
         raise
@@ -78,30 +178,14 @@ def connect(url: str):
 
 
 def ensure(conn) -> None:
-    """Create the table and its index if they are missing (idempotent; commits)."""
-    with conn.cursor() as cur:
-        # one at a time: two CREATE ... IF NOT EXISTS at once can collide on the catalog
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
-        cur.execute(DDL)
-    conn.commit()
-
-
-def row(record: dict) -> dict:
-    """A decision record (model.decision) as the insert's parameters."""
-    return {
-        c: (None if record.get(c) is None else json.dumps(record[c]))
-        if c in JSON_COLUMNS
-        else record.get(c)
-        for c in COLUMNS
-    }
+    """Create the decision log's table and index if they are missing (idempotent)."""
+    DECISIONS.ensure(conn)
 
 
 def insert(conn, records: list[dict]) -> None:
     """Write decisions in one transaction; a decision already logged is left as it is
     (a retried request, a replayed spool)."""
-    with conn.cursor() as cur:
-        cur.executemany(INSERT, [row(r) for r in records])
-    conn.commit()
+    DECISIONS.insert(conn, records)
 
 
 class UnknownDecision(LookupError):
@@ -123,24 +207,27 @@ class Recorded:
 def record_reward(conn, decision_id: str, reward: float, at: datetime, source: str) -> Recorded:
     """Record a decision's reward once. A retry with the same reward returns the first
     record; another reward for the same decision is a RewardConflict."""
-    with conn.cursor() as cur:
-        cur.execute(
-            f"UPDATE {TABLE} SET reward = %s, reward_at = %s, reward_source = %s "
-            "WHERE id = %s AND reward IS NULL RETURNING reward, reward_at, reward_source",
-            (reward, at, source, decision_id),
-        )
-        new = cur.fetchone()
-        if new is None:
+    for _ in range(2):  # a decision logged between the update and the look: once more
+        with conn.cursor() as cur:
             cur.execute(
-                f"SELECT reward, reward_at, reward_source FROM {TABLE} WHERE id = %s",
-                (decision_id,),
+                f"UPDATE {TABLE} SET reward = %s, reward_at = %s, reward_source = %s "
+                "WHERE id = %s AND reward IS NULL RETURNING reward, reward_at, reward_source",
+                (reward, at, source, decision_id),
             )
-            before = cur.fetchone()
-    conn.commit()
-    if new is not None:
-        return Recorded(*new, new=True)
-    if before is None:
-        raise UnknownDecision(decision_id)
+            new = cur.fetchone()
+            if new is None:
+                cur.execute(
+                    f"SELECT reward, reward_at, reward_source FROM {TABLE} WHERE id = %s",
+                    (decision_id,),
+                )
+                before = cur.fetchone()
+        conn.commit()
+        if new is not None:
+            return Recorded(*new, new=True)
+        if before is None:
+            raise UnknownDecision(decision_id)
+        if before[0] is not None:
+            break
     stored, when, by = before
     if stored != reward:
         raise RewardConflict(
@@ -165,3 +252,40 @@ def window(conn, since: datetime, until: datetime) -> list[dict]:
         )
         names = [d.name for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def shadow_window(conn, version: str, since: datetime, until: datetime) -> list[dict]:
+    """The shadow's rows for Challenger `version` made in [since, until), oldest first,
+    each with its decision's logged probability, action, ranking, reward and time."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s), to_regclass(%s)", (SHADOW_TABLE, TABLE))
+        if None in cur.fetchone():
+            return []
+        cur.execute(
+            f"SELECT s.decision_id, s.created_at, s.bot, s.production_version, s.outcome, "
+            f"s.reason, s.agrees, s.logged_probability, s.ranking::text AS shadow_ranking, "
+            f"s.scoring_ms, d.probability, d.action::text AS action, "
+            f"d.ranking::text AS ranking, d.reward, d.decide_ms "
+            f"FROM {SHADOW_TABLE} s LEFT JOIN {TABLE} d ON d.id = s.decision_id "
+            "WHERE s.challenger_version = %s AND s.created_at >= %s AND s.created_at < %s "
+            "ORDER BY s.created_at, s.decision_id",
+            (version, since, until),
+        )
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def unshadowed_times(conn, version: str, since: datetime, until: datetime) -> list[float]:
+    """Production's time per decision (ms) in [since, until) for the decisions the shadow
+    of `version` did not score: the cost's baseline."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s), to_regclass(%s)", (SHADOW_TABLE, TABLE))
+        if None in cur.fetchone():
+            return []
+        cur.execute(
+            f"SELECT d.decide_ms FROM {TABLE} d WHERE d.created_at >= %s AND d.created_at < %s "
+            f"AND d.decide_ms IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {SHADOW_TABLE} s "
+            "WHERE s.decision_id = d.id AND s.challenger_version = %s AND s.outcome = 'scored')",
+            (since, until, version),
+        )
+        return [r[0] for r in cur.fetchall()]

@@ -9,11 +9,12 @@ command all go through `Registry`.
   here deletes a folder another process may be reading.
 - `register` is idempotent: the caller names the attempt (`run_key`), and a retry
   finds the run and the version it already created.
-- Every move of `Production` is a check-then-move: the caller states the version
-  it expects `Production` to hold, and a move is refused (`AliasMoved`) when it
-  holds another. The audit record (registered-model tag `audit.<UTC time>`) is
-  written *before* the alias moves, as `pending`, and marked `done` after, so a
-  retried move finds its own record and never records a false `from`.
+- Every move of `Production` (and of `Challenger`, the version scored in shadow) is a
+  check-then-move: the caller states the version it expects the alias to hold, and
+  a move is refused (`AliasMoved`) when it holds another. The audit record
+  (registered-model tag `audit.<UTC time>`, naming the alias) is written *before*
+  the alias moves, as `pending`, and marked `done` after, so a retried move finds
+  its own record and never records a false `from`.
   A move made by hand in the MLflow UI is followed by the server all the same;
   it simply has no audit record.
 """
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from core.settings import ALIAS
+from core.settings import ALIAS, CHALLENGER
 from model.result import TrainResult
 from model.snapshot import DOCS, MANIFEST
 
@@ -56,13 +57,16 @@ class RegistryError(RuntimeError):
 
 
 class AliasMoved(RegistryError):
-    """`Production` no longer holds the version the caller expected: nothing moved."""
+    """The alias no longer holds the version the caller expected: nothing moved."""
 
-    def __init__(self, expected: str | None, actual: str | None, wanted: str):
+    def __init__(
+        self, expected: str | None, actual: str | None, wanted: str | None, alias: str = ALIAS
+    ):
         self.expected, self.actual = expected, actual
+        to = f"moving it to v{wanted}" if wanted else "removing it"
         super().__init__(
-            f"Production holds {_v(actual)}, not {_v(expected)} as expected: "
-            f"not moving it to v{wanted} (another move happened meanwhile)"
+            f"{alias} holds {_v(actual)}, not {_v(expected)} as expected: "
+            f"not {to} (another move happened meanwhile)"
         )
 
 
@@ -138,10 +142,18 @@ class Registry:
     # -- reading ------------------------------------------------------------------
     def champion(self) -> Version | None:
         """The version `Production` points at, or None (no model promoted yet)."""
+        return self.alias(ALIAS)
+
+    def challenger(self) -> Version | None:
+        """The version `Challenger` points at (scored in shadow), or None."""
+        return self.alias(CHALLENGER)
+
+    def alias(self, alias: str) -> Version | None:
+        """The version `alias` points at, or None."""
         from mlflow.exceptions import MlflowException
 
         try:
-            mv = self.client.get_model_version_by_alias(self.name, ALIAS)
+            mv = self.client.get_model_version_by_alias(self.name, alias)
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return None
@@ -313,37 +325,46 @@ class Registry:
         return r.stdout.strip()
 
     # -- moving Production ----------------------------------------------------------
-    def audit(self, include_pending: bool = False) -> list[dict]:
-        """Recorded moves of `Production`, oldest first (completed ones unless asked)."""
+    def audit(self, include_pending: bool = False, alias: str | None = ALIAS) -> list[dict]:
+        """Recorded moves of `alias` (None: of every alias), oldest first (completed ones
+        unless asked). Records written before there was a Challenger are Production's."""
         tags = self.client.get_registered_model(self.name).tags
         records = [json.loads(tags[k]) | {"key": k} for k in sorted(tags) if k.startswith("audit.")]
-        return [r for r in records if include_pending or r.get("state", "done") == "done"]
+        return [
+            r
+            for r in records
+            if (include_pending or r.get("state", "done") == "done")
+            and (alias is None or r.get("alias", ALIAS) == alias)
+        ]
 
     def move(
         self,
-        to: str,
+        to: str | None,
         expected: str | None,
         reason: str,
         by: str,
         action: str,
         move_id: str | None = None,
+        alias: str = ALIAS,
     ) -> dict:
-        """Point `Production` at `to` if it still holds `expected`; record the move.
+        """Point `alias` at `to` (None: remove it) if it still holds `expected`; record
+        the move.
 
         `move_id` names this move across retries: a retry after any partial failure
         completes the same move and its same audit record.
         """
-        target = self.version(to).version
+        target = self.version(to).version if to is not None else None
         move_id = move_id or uuid.uuid4().hex
-        mine = next((r for r in self.audit(True) if r.get("id") == move_id), None)
-        current = self.champion()
+        mine = next((r for r in self.audit(True, alias) if r.get("id") == move_id), None)
+        current = self.alias(alias)
         now_at = current.version if current else None
         if mine is None:
             if now_at != expected:
-                raise AliasMoved(expected, now_at, target)
+                raise AliasMoved(expected, now_at, target, alias)
             now = datetime.now(UTC)
             mine = {
                 "id": move_id,
+                "alias": alias,
                 "action": action,
                 "from": now_at,
                 "to": target,
@@ -355,20 +376,24 @@ class Registry:
             }
             self._write(mine)
         elif mine["state"].startswith("abandoned"):
-            raise AliasMoved(mine["from"], now_at, target)
+            raise AliasMoved(mine["from"], now_at, target, alias)
         elif mine["state"] != "done" and now_at not in (mine["from"], mine["to"]):
             # someone else moved it between this move's tries
-            self._write(mine | {"state": f"abandoned: Production moved to {_v(now_at)}"})
-            raise AliasMoved(mine["from"], now_at, target)
+            self._write(mine | {"state": f"abandoned: {alias} moved to {_v(now_at)}"})
+            raise AliasMoved(mine["from"], now_at, target, alias)
         if mine["state"] != "done":
             if now_at != target:
-                self.client.set_registered_model_alias(self.name, ALIAS, target)
+                if target is None:
+                    self.client.delete_registered_model_alias(self.name, alias)
+                else:
+                    self.client.set_registered_model_alias(self.name, alias, target)
             mine = mine | {"state": "done"}
             self._write(mine)
         record = {k: v for k, v in mine.items() if k != "key"}
-        self.client.set_model_version_tag(
-            self.name, target, "production.last_move", json.dumps(record)
-        )
+        if target is not None:
+            self.client.set_model_version_tag(
+                self.name, target, f"{alias.lower()}.last_move", json.dumps(record)
+            )
         return mine
 
     def _write(self, record: dict) -> None:
@@ -383,19 +408,37 @@ class Registry:
         expected: object = _UNSET,
         action: str = "promote",
         move_id: str | None = None,
+        alias: str = ALIAS,
     ) -> dict:
-        """Load-check `version`, then move `Production` to it.
+        """Load-check `version`, then move `alias` (Production) to it.
 
-        `expected`: the version the caller believes `Production` holds (None: none);
+        `expected`: the version the caller believes the alias holds (None: none);
         unset, what it holds when this call starts, so a move made during the load
         check is never overwritten.
         """
         target = self.version(version).version
         if expected is _UNSET:
-            current = self.champion()
+            current = self.alias(alias)
             expected = current.version if current else None
         self.load_check(target)
-        return self.move(target, expected, reason, by or whoami(), action, move_id)
+        return self.move(target, expected, reason, by or whoami(), action, move_id, alias)
+
+    def clear(
+        self,
+        alias: str,
+        reason: str,
+        by: str | None = None,
+        expected: object = _UNSET,
+        move_id: str | None = None,
+    ) -> dict | None:
+        """Remove `alias` (the Challenger: the shadow stops), audited; None when it was
+        not set."""
+        if expected is _UNSET:
+            current = self.alias(alias)
+            if current is None:
+                return None
+            expected = current.version
+        return self.move(None, expected, reason, by or whoami(), "clear", move_id, alias)
 
     def rollback_target(self) -> str | None:
         """Where a rollback goes: the newest version that served as `Production` before

@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from model.snapshot import DATA_TYPES
 
 ALIAS = "Production"  # the registry alias the server follows and the gate moves
+CHALLENGER = "Challenger"  # the alias the server scores in shadow beside Production
 
 
 class ExportSpec(BaseModel):
@@ -114,6 +115,15 @@ class GateSpec(BaseModel):
     value_check: bool | None = None
     ope_min_ess: float = 100.0  # effective sample size below this: poorly conditioned
     ope_bootstrap: int = 500
+    # Where a model that passes the gate goes: `production` (at once), or `shadow`: on the
+    # `Challenger` alias, scored in shadow on live traffic, and moved to Production by a
+    # later run (or `valifi promote --from-shadow`) only when its doubly-robust value on
+    # the live decisions, minus Production's, has its lower bound above -margin x the
+    # rewards' standard deviation, from at least `ope_min_ess` decisions' worth of
+    # evidence (effective sample size).
+    promote_via: Literal["production", "shadow"] = "production"
+    # a Challenger not shown non-inferior within this many days is taken off the alias
+    shadow_max_days: float = Field(7.0, gt=0)
 
 
 class WatchSpec(BaseModel):
@@ -231,6 +241,13 @@ class _ServeSpecBase(BaseModel):
     log_flush_s: float = Field(0.2, gt=0)
     log_queue: int = Field(10_000, ge=1)
     log_retry_s: float = Field(2.0, gt=0)  # between tries while the database is down
+    # The Challenger alias, when set, is scored in shadow on this share of the execute
+    # decisions (drawn from each decision id), after their answers have left; while
+    # requests wait it may use at most `shadow_budget` of each worker's time, and the
+    # decisions it has no time for are logged as skipped (agent_shadow). 0: no shadow.
+    shadow_share: float = Field(1.0, ge=0, le=1)
+    shadow_budget: float = Field(0.1, ge=0, le=1)
+    shadow_max_pending: int = Field(256, ge=1)  # decisions waiting for the shadow, at most
 
     def policy(self):
         """The exploration these settings ask for (model.config.Exploration)."""

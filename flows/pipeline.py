@@ -32,9 +32,18 @@ from prefect.input import RunInput
 from prefect.states import Completed
 
 from core.registry import AliasMoved, Registry, git_commit
-from core.settings import ExportSpec, GateSpec, Settings, TrainSpec, ValidationSpec, WatchSpec
+from core.settings import (
+    CHALLENGER,
+    ExportSpec,
+    GateSpec,
+    Settings,
+    TrainSpec,
+    ValidationSpec,
+    WatchSpec,
+)
 from flows.export import InsufficientData, export_snapshot
 from flows.gate import judge_against_production
+from flows.shadow import settle
 from flows.source import SourceError
 from flows.summary import render
 from flows.training import launch, train_options
@@ -269,6 +278,35 @@ def promote_task(
     )
 
 
+@task(name="shadow", retry_condition_fn=retry_on_io)
+def shadow_task(url: str, registry: Registry, spec: GateSpec, move_id: str) -> dict | None:
+    """Settle the Challenger on its live evidence (flows.shadow.settle)."""
+    settled = settle(url, registry, spec, f"prefect:{_flow_run_name()}", move_id)
+    if settled:
+        get_run_logger().info(
+            "shadow: Challenger v%s: %s: %s",
+            settled["version"],
+            settled["verdict"],
+            settled["reason"],
+        )
+    return settled
+
+
+@task(name="challenger", retry_condition_fn=retry_on_io)
+def challenger_task(registry: Registry, version: str, reason: str, move_id: str) -> dict:
+    """Put `version` on the Challenger alias (scored in shadow), over whatever it holds."""
+    current = registry.challenger()
+    return registry.move(
+        version,
+        current.version if current else None,
+        reason,
+        f"prefect:{_flow_run_name()}",
+        "shadow",
+        move_id,
+        CHALLENGER,
+    )
+
+
 @task(name="watch", retries=0)
 def watch_task(
     registry: Registry, agent_url: str, version: str, previous: str | None, spec: WatchSpec
@@ -476,6 +514,12 @@ def _train(run: Run):
         )
     if newer := superseded_task(settings.late_run_grace_s):
         return _skipped(f"superseded by the newer scheduled run {newer}")
+    registry = Registry(settings.mlflow_tracking_uri, settings.model_name)
+    settled = shadow_task.with_options(**run.retrying)(
+        settings.database_url, registry, settings.gate, f"{_flow_run_id()}:shadow"
+    )
+    if settled:
+        run.summary["shadow"] = settled["text"]
     try:
         snapshot = export_task.with_options(**run.retrying)(
             settings.database_url, run.export, settings.snapshots_dir
@@ -488,7 +532,6 @@ def _train(run: Run):
     out = settings.runs_dir / f"{Path(snapshot).name}-{uuid.uuid4().hex[:8]}"
     result = train_task(snapshot, out, run.train, run.extra)
     run.summary["training"] = {"metrics": result.metrics, "config": result.config}
-    registry = Registry(settings.mlflow_tracking_uri, settings.model_name)
     cache = settings.data_dir / "registry-cache" / settings.model_name
     gate = evaluate_task.with_options(**run.retrying)(
         registry, result, snapshot, settings.gate, cache
@@ -519,8 +562,21 @@ def _rejected(run: Run, registry: Registry, gate: dict, version: str):
 
 
 def _promote(run: Run, registry: Registry, gate: dict, version: str):
-    """Load-check, move Production (if it still holds what the gate judged), watch."""
+    """Load-check, move Production (if it still holds what the gate judged), watch; or
+    with `promote_via` shadow, put it on the Challenger alias instead."""
     load_check_task(registry, version)
+    if run.settings.gate.promote_via == "shadow":
+        challenger_task.with_options(**run.retrying)(
+            registry, version, gate["summary"], f"{_flow_run_id()}:shadow:{version}"
+        )
+        production = f"v{gate['champion_version']}" if gate.get("champion_version") else "none"
+        return Completed(
+            name="Challenger",
+            message=f"v{version} passed the gate and is scored in shadow as {CHALLENGER} "
+            f"(Production stays {production}); a later run, or `valifi promote "
+            "--from-shadow`, promotes it once its live value is shown non-inferior: "
+            + "; ".join(gate["reasons"]),
+        )
     try:
         move = promote_task.with_options(**run.retrying)(
             registry,

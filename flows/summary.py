@@ -194,6 +194,8 @@ def render(s: dict) -> str:
     if train := s.get("training"):
         m = train.get("metrics", {})
         out += ["## Training", *_table([(k, m[k]) for k in TRAINING_FIGURES if k in m]), ""]
+    if shadow := s.get("shadow"):
+        out += ["## Shadow", shadow, ""]
     if gate := s.get("gate"):
         out += _gate(gate)
     if override := s.get("override"):

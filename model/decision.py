@@ -177,3 +177,68 @@ def replay(record: dict) -> tuple[list[float], int]:
         [r["lower_bound"] for r in record["ranking"]]
     )
     return [float(p) for p in probs], draw(record["id"], probs)
+
+
+def shadow(
+    model: AgentModel,
+    queries: list[Query],
+    served: list[Decision],
+    exploration: Exploration | None = None,
+    version: str | None = None,
+) -> list[dict]:
+    """The Challenger `model`'s view of decisions already made (`served`, Production's):
+    each query's candidates ranked in one batched pass and given probabilities under the
+    same exploration; the action its decision id would draw, its first-ranked action,
+    whether that is Production's first, and the probability it gives the action
+    Production served (0 when it would never choose it). A query for an agent the
+    Challenger does not know is an `error` record of its own; the rest are `scored`."""
+    from model.features import canonical_json
+
+    exploration = exploration or Exploration()
+    known = [q.candidates is not None or model.knows(q.agent) for q in queries]
+    taken = [q for q, k in zip(queries, known, strict=True) if k]
+    ranked = iter(
+        model.rank_many(
+            [(q.agent, q.document, q.candidates) for q in taken], [q.data_type for q in taken]
+        )
+        if taken
+        else []
+    )
+    out = []
+    for q, d, k in zip(queries, served, known, strict=True):
+        base = {
+            "decision_id": q.decision_id,
+            "challenger_version": version,
+            "created_at": datetime.now(UTC).isoformat(),
+            "bot": q.agent,
+            "production_version": d.record["model_version"],
+        }
+        if not k:
+            reason = f"unknown agent {q.agent!r} for the Challenger"
+            out.append(base | {"outcome": "error", "reason": reason})
+            continue
+        ranking = next(ranked)
+        probs = exploration.probabilities([r.lower for r in ranking])
+        keys = [canonical_json(r.action) for r in ranking]
+        logged = canonical_json(d.record["action"])
+        first = d.record["ranking"][0]["action"]
+        out.append(
+            base
+            | {
+                "outcome": "scored",
+                "action": ranking[draw(q.decision_id, probs)].action,
+                "first": ranking[0].action,
+                "agrees": keys[0] == canonical_json(first),
+                "logged_probability": float(probs[keys.index(logged)]) if logged in keys else 0.0,
+                "ranking": [
+                    {
+                        "action": r.action,
+                        "expected_reward": r.score,
+                        "lower_bound": r.lower,
+                        "probability": float(p),
+                    }
+                    for r, p in zip(ranking, probs, strict=True)
+                ],
+            }
+        )
+    return out

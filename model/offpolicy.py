@@ -202,3 +202,74 @@ def conditioning(est: dict, min_ess: float) -> str | None:
             "takes, so the estimate is too noisy to trust"
         )
     return None
+
+
+def live_estimates(
+    reward,
+    logged_probability,
+    target_probability,
+    q_logged,
+    dm_target,
+    dm_logging,
+    n_boot: int = 500,
+    alpha: float = 0.05,
+    seed: int = 0,
+    min_ess: float = 100,
+) -> dict:
+    """A target policy's value minus the logging policy's, on decisions the logging
+    policy served with known probabilities (the shadow's evidence).
+
+    Per decision: its reward r, the probability mu the served action was chosen with,
+    the probability pi the target gives it, a reward model's value of it (q_logged), and
+    the reward model's expectation under each policy (dm_target = sum_a pi(a) q(a),
+    dm_logging = sum_a mu(a) q(a)). With w = pi / mu, the logging policy's IPS and DR
+    values are r and dm_logging + (r - q_logged) (its own weights are 1); the target's
+    are w r, sum(w r) / sum(w) (SNIPS) and dm_target + w (r - q_logged). Each difference
+    (target - logging) comes with a paired percentile bootstrap interval; the weights
+    with their effective sample size. Unbiased for any reward model, since mu is the
+    probability actually used."""
+    from model.metrics import bootstrap_ci
+
+    r = np.asarray(reward, float)
+    w = np.asarray(target_probability, float) / np.asarray(logged_probability, float)
+    q = np.asarray(q_logged, float)
+    dr_target = np.asarray(dm_target, float) + w * (r - q)
+    dr_logging = np.asarray(dm_logging, float) + (r - q)
+    out: dict = {"rows": len(r)}
+    if len(r) == 0:
+        out["warning"] = "no scored decision has a reward yet"
+        return out
+    kw = {"n_boot": n_boot, "alpha": alpha, "seed": seed}
+    for name, target, logging in (("ips", w * r, r), ("dr", dr_target, dr_logging)):
+        mean, lo, hi = bootstrap_ci(target - logging, **kw)
+        out[name] = {
+            "challenger": float(target.mean()),
+            "production": float(logging.mean()),
+            "diff": mean,
+            "ci": [lo, hi],
+        }
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(r), len(r))
+        boot.append(_snips(w[i], r[i]) - float(r[i].mean()))
+    boot = np.asarray(boot)
+    boot = boot[np.isfinite(boot)]
+    snips = _snips(w, r)
+    out["snips"] = {
+        "challenger": snips,
+        "production": float(r.mean()),
+        "diff": snips - float(r.mean()),
+        "ci": [float(v) for v in np.quantile(boot, [alpha / 2, 1 - alpha / 2])]
+        if len(boot)
+        else [float("nan")] * 2,
+    }
+    out["ess"] = float(w.sum() ** 2 / (w * w).sum()) if (w * w).sum() > 0 else 0.0
+    out["reward_std"] = float(r.std())
+    out["warning"] = (
+        f"only {out['ess']:.0f} decisions' worth of evidence (effective sample size, under "
+        f"{min_ess:.0f}): the Challenger rarely chooses what Production served"
+        if out["ess"] < min_ess
+        else None
+    )
+    return out

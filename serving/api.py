@@ -25,6 +25,7 @@ from pathlib import Path
 import litserve as ls
 from fastapi.responses import JSONResponse
 
+from core import decisions as decision_tables
 from core.registry import Registry
 from core.settings import ALIAS, Settings
 from model.decision import Query, decide
@@ -35,6 +36,7 @@ from serving.follower import AliasFollower
 from serving.knowledge import KnowledgeBase
 from serving.requests import PredictRequest, RewardRequest
 from serving.rewards import Rewards
+from serving.shadow import Shadow
 from serving.status import STATUS_DIR_ENV, worker_status
 
 log = logging.getLogger("valifi.serving")
@@ -64,30 +66,33 @@ def _error(status: int, message: str, served=None, headers=None, **extra) -> JSO
     )
 
 
-def _decision_log(settings: Settings) -> DecisionLog:
+def _decision_log(settings: Settings, table=decision_tables.DECISIONS) -> DecisionLog:
     serve = settings.serve
     url = settings.database_url if serve.log_decisions else None
-    if url is None:
+    if url is None and table is decision_tables.DECISIONS:
         log.warning(
             "decisions are not logged: %s",
             "VALIFI_SERVE_LOG_DECISIONS is off" if not serve.log_decisions else "no DATABASE_URL",
         )
+    spool = "decision-spool" if table is decision_tables.DECISIONS else "shadow-spool"
     return DecisionLog(
         url,
-        settings.data_dir / "decision-spool" / settings.model_name,
+        settings.data_dir / spool / settings.model_name,
         batch=serve.log_batch,
         flush_s=serve.log_flush_s,
         max_queue=serve.log_queue,
         retry_s=serve.log_retry_s,
+        table=table,
     )
 
 
-def _flush_on_sigterm(decisions: DecisionLog) -> None:
-    """A worker told to stop first writes the decisions it holds (to the database, or
+def _flush_on_sigterm(*closing) -> None:
+    """A worker told to stop first writes the records it holds (to the database, or
     the spool), then stops as it would have."""
 
     def stop(signum, frame):
-        decisions.close(timeout=5)
+        for close in closing:
+            close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -110,6 +115,7 @@ class AgentAPI(ls.LitAPI):
         status_dir = os.environ.get(STATUS_DIR_ENV)
         self.policy = self.settings.serve.policy()
         self.decisions = _decision_log(self.settings).start()
+        self.shadow = self._shadow(registry, device)
         self.follower = AliasFollower(
             registry.champion,
             lambda version: registry.download(version, self.settings.serving_cache),
@@ -117,12 +123,43 @@ class AgentAPI(ls.LitAPI):
             self._on_reload,
             Path(status_dir) / f"{self.worker}.json" if status_dir else None,
             device=device,
-            report=lambda: {"decision_log": self.decisions.status()},
+            report=lambda: {
+                "decision_log": self.decisions.status(),
+                "shadow": self.shadow.status(),
+            },
+            borrow=lambda version: self.shadow.follower.loaded(version),
         )
         self.decisions.on_change = self.follower.write_status
+        self.shadow.log.on_change = self.follower.write_status
         self.follower.sync_once()  # serve the current Production from the first request
         self.follower.start()
-        _flush_on_sigterm(self.decisions)
+        self.shadow.follower.start(now=True)  # the Challenger, off the start-up's path
+        _flush_on_sigterm(
+            self.shadow.close,
+            lambda: self.shadow.log.close(timeout=2),
+            lambda: self.decisions.close(timeout=5),
+        )
+
+    def _shadow(self, registry: Registry, device) -> Shadow:
+        """The Challenger's follower and the shadow that scores with it."""
+        serve = self.settings.serve
+        challenger = AliasFollower(
+            registry.challenger,
+            lambda version: registry.download(version, self.settings.serving_cache),
+            serve.poll_interval_s,
+            device=device,
+            drop_when_cleared=True,
+            on_poll=lambda: self.follower.write_status(),
+        )
+        log_ = _decision_log(self.settings, decision_tables.SHADOW).start()
+        budget = serve.shadow_budget
+        return Shadow(
+            challenger, log_, self.policy, serve.shadow_share, budget, serve.shadow_max_pending
+        )
+
+    def between_batches(self, busy) -> None:
+        """The batching loop's idle moment (serving.batching): the shadow's turn."""
+        self.shadow.between_batches(busy)
 
     def _on_reload(self, outcome: str, version: str) -> None:
         metrics.RELOADS.labels(outcome, version).inc()
@@ -216,8 +253,13 @@ class AgentAPI(ls.LitAPI):
 
     def _execute(self, reqs: list[PredictRequest], served) -> list[dict]:
         queries = [Query.of(r.agent_type, r.task, r.context, r.decision_id) for r in reqs]
+        started = time.perf_counter()
         made = decide(served.model, queries, self.policy, served.version)
+        ms = 1000 * (time.perf_counter() - started) / len(made)
+        for d in made:
+            d.record["decide_ms"] = ms
         self.decisions.put([d.record for d in made])  # queued: written off the request's path
+        self.shadow.offer(queries, made)  # scored after the answers leave (between_batches)
         return [d.answer | {"model_version": served.version} for d in made]
 
     # -- info --

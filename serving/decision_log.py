@@ -1,5 +1,6 @@
 """Each inference worker's decision log: execute decisions written to `agent_decisions`
-off the request's path, and never lost while the database is away.
+(and the shadow's rows to `agent_shadow`, by a log of their own) off the request's
+path, and never lost while the database is away.
 
 `put` only queues (bounded: past `max_queue` records go straight to the spool). A
 thread of its own takes what is queued, up to `batch` records at least every
@@ -38,8 +39,9 @@ class DecisionLog:
         flush_s: float = 0.2,
         max_queue: int = 10_000,
         retry_s: float = 2.0,
+        table: decisions.Log = decisions.DECISIONS,
     ):
-        self.url = url
+        self.url, self.table = url, table
         self.spool = Path(spool)
         self.batch, self.flush_s, self.retry_s = batch, flush_s, retry_s
         self.queue: queue.Queue[dict] = queue.Queue(max_queue)
@@ -113,7 +115,7 @@ class DecisionLog:
             self._to_spool(batch)
             return
         try:
-            decisions.insert(self._connection(), batch)
+            self.table.insert(self._connection(), batch)
         except Exception as exc:
             self._down(exc)
             self._to_spool(batch)
@@ -127,7 +129,7 @@ class DecisionLog:
 
     def _connection(self):
         if self._conn is None or self._conn.closed:
-            self._conn = decisions.connect(self.url)
+            self._conn = decisions.connect(self.url, self.table)
         return self._conn
 
     def _down(self, exc: Exception) -> None:
@@ -179,7 +181,7 @@ class DecisionLog:
             try:
                 records = [json.loads(line) for line in claimed.read_text().splitlines() if line]
                 for i in range(0, len(records), self.batch):
-                    decisions.insert(self._connection(), records[i : i + self.batch])
+                    self.table.insert(self._connection(), records[i : i + self.batch])
             except Exception as exc:
                 os.rename(claimed, path)  # back for the next try
                 self._down(exc)

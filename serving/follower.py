@@ -1,4 +1,4 @@
-"""Follow `models:/valifi-agent@Production` and hot-swap the served model.
+"""Follow `models:/valifi-agent@Production` (and `@Challenger`) and hot-swap the served model.
 
 Each inference worker runs one follower thread (`AliasFollower`). Every poll it asks the registry
 where the alias points; when it moved, it downloads that version (cached by
@@ -84,6 +84,9 @@ class AliasFollower:
         status_file: Path | None = None,
         device: str = "cpu",
         report: Callable[[], dict] | None = None,
+        drop_when_cleared: bool = False,
+        borrow: Callable[[Version], Served | None] | None = None,
+        on_poll: Callable[[], None] | None = None,
     ):
         self.resolve = resolve
         self.fetch = fetch
@@ -92,6 +95,15 @@ class AliasFollower:
         self.status_file = status_file
         self.device = device
         self.report = report or dict  # more of this worker's status (the decision log)
+        # the Challenger's follower stops offering its model when the alias is removed
+        # (kept as the one before, so that setting it back is instant); Production's
+        # keeps serving (an alias removed by mistake must not stop the answers)
+        self.drop_when_cleared = drop_when_cleared
+        # a version another follower of this worker has loaded and verified, if any (a
+        # Challenger promoted to Production swaps in at once)
+        self.borrow = borrow or (lambda version: None)
+        self.on_poll = on_poll or (lambda: None)  # after each poll (the status written)
+        self._write_lock = threading.Lock()
         self.served: Served | None = None
         self._previous: Served | None = None  # the one served before, still loaded
         self.status = ReloadStatus()
@@ -107,6 +119,7 @@ class AliasFollower:
             self._sync()
         finally:
             self.write_status()
+            self.on_poll()
 
     def _sync(self) -> None:
         self.status.last_checked = _now()
@@ -124,6 +137,9 @@ class AliasFollower:
             self._retry_at, self._backoff = 0.0, self.poll_s
         self.status.registry_reachable, self.status.registry_error = True, None
         self.status.alias_version = target.version if target else None
+        if target is None and self.drop_when_cleared and self.served is not None:
+            self._clear()
+            return
         if target is None or target == self._serving():
             self.status.behind_since = None
             return
@@ -137,7 +153,18 @@ class AliasFollower:
             # back to the one before (a rollback): already loaded and checked
             self._swap(replace(previous, loaded_at=_now()), time.monotonic())
             return
+        if (lent := self.borrow(target)) is not None:  # loaded and verified beside us
+            self._swap(replace(lent, loaded_at=_now()), time.monotonic())
+            return
         self._load(target)
+
+    def loaded(self, version: Version) -> Served | None:
+        """This follower's model of `version`, if it has it loaded (serving, or the one
+        before)."""
+        for s in (self.served, self._previous):
+            if s is not None and _version_of(s) == version:
+                return s
+        return None
 
     def _serving(self) -> Version | None:
         return None if self.served is None else _version_of(self.served)
@@ -173,6 +200,15 @@ class AliasFollower:
         log.info("now serving version %s (%s, in %.2f s)", new.version, reason, took)
         self.on_reload("success", new.version)
 
+    def _clear(self) -> None:
+        """The alias was removed: serve nothing (the model stays loaded as the previous
+        one, so that setting the alias back swaps at once)."""
+        old, self.served = self.served, None
+        self._previous = old
+        self.status.behind_since = None
+        self._record(old.version, "cleared", "the alias was removed")
+        log.info("alias removed: v%s no longer loaded for it", old.version)
+
     def _fail(self, target: Version, outcome: str, reason: str) -> None:
         self.status.failures += 1
         self._record(target.version, outcome, reason[:500])
@@ -203,22 +239,31 @@ class AliasFollower:
             doc["report_error"] = str(exc)
         tmp = self.status_file.with_name(f".{self.status_file.name}.tmp")
         try:
-            tmp.write_text(json.dumps(doc, default=str))
-            os.replace(tmp, self.status_file)
+            with self._write_lock:  # the Challenger's follower writes it too
+                tmp.write_text(json.dumps(doc, default=str))
+                os.replace(tmp, self.status_file)
         except OSError as exc:  # status is a report: never let it stop serving
             log.warning("could not write worker status: %s", exc)
 
     # -- the thread --
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="alias-follower", daemon=True)
+    def start(self, now: bool = False) -> None:
+        """Poll every `poll_s` in a thread of its own (`now`: the first poll at once)."""
+        self._thread = threading.Thread(
+            target=self._run, args=(now,), name="alias-follower", daemon=True
+        )
         self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, now: bool = False) -> None:
+        if now:
+            self._poll()
         while not self._stop.wait(self.poll_s):
-            try:
-                self.sync_once()
-            except Exception:  # never let the follower die
-                log.exception("alias follower poll failed")
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            self.sync_once()
+        except Exception:  # never let the follower die
+            log.exception("alias follower poll failed")
 
     def stop(self) -> None:
         self._stop.set()

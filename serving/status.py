@@ -66,7 +66,40 @@ def worker_status(settings: Settings) -> dict:
         "expected_workers": settings.serve.workers,
         "versions": sorted(v or "none" for v in served),
         "decisions": decisions_logged(live),
+        "shadow": shadow_state(live),
         "workers": workers,
+    }
+
+
+def shadow_state(live: list[dict]) -> dict:
+    """The Challenger across the live workers: what the alias names, what each worker
+    scores, and the counts of the decisions taken up. Never part of the server's own
+    state: a missing or failing Challenger does not degrade Production."""
+    docs = [w.get("shadow") or {} for w in live]
+    alias = {d.get("alias_version") for d in docs} - {None}
+    if not alias:
+        return {"state": "off", "summary": "no Challenger: nothing is scored in shadow"}
+    counts = {k: sum(d.get(k, 0) for d in docs) for k in ("scored", "skipped", "error", "missing")}
+    states = {d.get("state") for d in docs}
+    state = "scoring" if states == {"scoring"} else sorted(states - {"scoring"})[0]
+    versions = sorted(alias)
+    problems = [
+        f"worker {w['worker']}: {d['last_outcome']['outcome']}: {d['last_outcome']['reason']}"
+        for w, d in zip(live, docs, strict=True)
+        if d.get("state") != "scoring" and d.get("last_outcome")
+    ]
+    summary = (
+        f"Challenger v{', v'.join(versions)}: {state}; "
+        + ", ".join(f"{n} {k}" for k, n in counts.items())
+        + (f" ({'; '.join(problems)})" if problems else "")
+    )
+    return {
+        "state": state,
+        "alias_versions": versions,
+        "versions": sorted({str(d.get("version")) for d in docs if d.get("version")}),
+        "problems": problems,
+        "summary": summary,
+        **counts,
     }
 
 

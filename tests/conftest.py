@@ -58,6 +58,7 @@ SLOWEST_FIRST = (
     "tests/e2e/test_train_flow.py",
     "tests/e2e/test_deployment.py",
     "tests/e2e/test_serving.py",
+    "tests/e2e/test_shadow.py",
     "tests/model/test_drift.py",
     "tests/model/test_behaviour.py",
     "tests/e2e/test_export.py",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -326,8 +326,19 @@ def _expect(expect: str | None) -> dict:
 
 @command()
 def promote(
-    version: str,
-    reason: ReasonOption,
+    version: Annotated[
+        str | None, typer.Argument(help="the version (omit with --from-shadow)")
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="why; recorded in the audit trail")] = None,
+    from_shadow: Annotated[
+        bool,
+        typer.Option(
+            "--from-shadow",
+            help="promote the Challenger only if its live value, scored in shadow, is shown "
+            "non-inferior to Production's (the gate's margin and effective sample size); "
+            "else say why not",
+        ),
+    ] = False,
     expect: ExpectOption = None,
     watch: Annotated[
         bool,
@@ -338,9 +349,16 @@ def promote(
         ),
     ] = False,
 ) -> int:
-    """Move Production to a version (after a load check)."""
+    """Move Production to a version (after a load check), or to the Challenger when its
+    shadow evidence shows it non-inferior."""
     settings = _settings()
     registry = _registry(settings)
+    if from_shadow:
+        if version is not None:
+            raise typer.BadParameter("--from-shadow promotes the Challenger: give no version")
+        return _promote_from_shadow(settings, registry)
+    if version is None or not reason:
+        raise typer.BadParameter("give a VERSION and --reason (or --from-shadow)")
     record = registry.promote(version, reason, **_expect(expect))
     print(f"Production: v{record['from']} -> v{record['to']} ({record['why']}, by {record['by']})")
     if not watch:
@@ -363,6 +381,126 @@ def promote(
         return 1
     print(f"watched: {watched['reason']}")
     return 0
+
+
+def _promote_from_shadow(settings: Settings, registry) -> int:
+    from core.registry import whoami
+    from flows.shadow import promote_from_shadow, render
+    from valifi import stack as local
+
+    verdict, rep, move = promote_from_shadow(
+        local.database_url(settings), registry, settings.gate, whoami()
+    )
+    print(render(rep, verdict))
+    if move is None:
+        print(f"Production stays v{rep['production']}: {verdict.outcome}", file=sys.stderr)
+        return 1
+    print(f"Production: v{move['from']} -> v{move['to']}; the Challenger alias is removed")
+    return 0
+
+
+shadow_app = typer.Typer(
+    help="The Challenger scored in shadow on live traffic: start, stop, report.",
+    no_args_is_help=True,
+)
+app.add_typer(shadow_app, name="shadow")
+
+
+@shadow_app.command("start")
+def shadow_start(
+    version: str,
+    reason: ReasonOption,
+    expect: ExpectOption = None,
+) -> None:
+    """Set the Challenger alias to a version (after a load check): the agent server
+    scores it in shadow from its next poll."""
+    from core.settings import CHALLENGER
+
+    def run() -> int:
+        registry = _registry(_settings())
+        record = registry.promote(
+            version, reason, action="shadow", alias=CHALLENGER, **_expect(expect)
+        )
+        print(f"{CHALLENGER}: v{record['from']} -> v{record['to']} ({record['why']})")
+        return 0
+
+    _guarded("shadow start", run)
+
+
+@shadow_app.command("stop")
+def shadow_stop(reason: ReasonOption, expect: ExpectOption = None) -> None:
+    """Remove the Challenger alias: the shadow stops."""
+    from core.settings import CHALLENGER
+
+    def run() -> int:
+        record = _registry(_settings()).clear(CHALLENGER, reason, **_expect(expect))
+        print(
+            f"{CHALLENGER} removed (was v{record['from']})"
+            if record
+            else f"no {CHALLENGER} was set"
+        )
+        return 0
+
+    _guarded("shadow stop", run)
+
+
+@shadow_app.command("report")
+def shadow_report(
+    version: Annotated[
+        str | None, typer.Option(help="the Challenger version (default: the alias's)")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="from (ISO, UTC; default: when the alias was set)")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="until (ISO, UTC; default: now)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the figures as JSON")] = False,
+) -> None:
+    """What the Challenger would have done on the live decisions, and whether it would
+    have earned more: counts, agreement, IPS/SNIPS/DR against Production, cost."""
+    import json
+
+    from flows.shadow import judge, render, report
+    from valifi import stack as local
+
+    def when(text: str | None):
+        if text is None:
+            return None
+        t = datetime.fromisoformat(text)
+        return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+    def run() -> int:
+        settings = _settings()
+        rep = report(
+            local.database_url(settings),
+            _registry(settings),
+            settings.gate,
+            version,
+            when(since),
+            when(until),
+        )
+        verdict = judge(rep, settings.gate)
+        if as_json:
+            print(json.dumps(rep | {"verdict": verdict.__dict__}, indent=2, default=str))
+        else:
+            print(render(rep, verdict))
+        return 0
+
+    _guarded("shadow report", run)
+
+
+def _guarded(name: str, run) -> None:
+    """Run a subcommand as `command` runs one: an error ends it with its message."""
+    try:
+        code = run()
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        if _debug["on"]:
+            raise
+        print(f"valifi {name}: error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    if code:
+        raise typer.Exit(code)
 
 
 @command()

@@ -138,3 +138,30 @@ def test_rollback_after_an_automatic_rollback_goes_to_the_last_good_version(
     assert (last["action"], last["from"], last["to"]) == ("rollback", v6, v5)
     # from v5 the only earlier holders were rolled back from (v6, v7) or are v5 itself
     assert reg.rollback_target() not in (v6, v7, v5)
+
+
+def test_challenger_moves_are_audited_apart_and_never_move_production(reg, trained):
+    from core.registry import AliasMoved
+    from core.settings import CHALLENGER
+
+    a, b = _versions(reg, trained, 2)[-2:]
+    production = reg.champion()
+    before = reg.audit()
+    target = reg.rollback_target()
+    reg.move(a, None, "shadow it", "test", "shadow", alias=CHALLENGER)
+    with pytest.raises(AliasMoved, match=f"Challenger holds v{a}, not no version"):
+        reg.move(b, None, "too late", "test", "shadow", alias=CHALLENGER)
+    reg.move(b, a, "the newer one", "test", "shadow", alias=CHALLENGER)
+    assert reg.challenger().version == b and reg.champion() == production
+    cleared = reg.clear(CHALLENGER, "done", "test")
+    assert cleared["to"] is None and reg.challenger() is None
+    assert reg.clear(CHALLENGER, "again", "test") is None  # nothing to remove
+    moves = reg.audit(alias=CHALLENGER)[-3:]
+    assert [(m["action"], m["from"], m["to"]) for m in moves] == [
+        ("shadow", None, a),
+        ("shadow", a, b),
+        ("clear", b, None),
+    ]
+    assert all(m["alias"] == CHALLENGER for m in moves)
+    # Production's trail and where a rollback goes are as they were
+    assert reg.audit() == before and reg.rollback_target() == target

@@ -109,3 +109,42 @@ def test_moving_the_alias_back_swaps_at_once_without_a_reload(tmp_path, monkeypa
 def test_versions_are_cached_by_version_and_run():
     assert Version("1", "abc").cache_key != Version("1", "def").cache_key
     assert Version("1", "abc", "models:/x") == Version("1", "abc", "")  # source is no identity
+
+
+def test_the_challengers_follower_drops_its_model_when_the_alias_is_removed(tmp_path, monkeypatch):
+    class Loaded:
+        def to(self, device):
+            return self
+
+    monkeypatch.setattr("serving.follower.load", lambda folder, verify: Loaded())
+    src = Source(Version("4", "run-4"), lambda v: tmp_path / v.cache_key)
+    challenger = AliasFollower(src.resolve, src.fetch, poll_s=60, drop_when_cleared=True)
+    production = AliasFollower(src.resolve, src.fetch, poll_s=60)
+    challenger.sync_once()
+    production.sync_once()
+    src.target = None  # both aliases removed
+    challenger.sync_once()
+    production.sync_once()
+    assert challenger.served is None and challenger.status.last_outcome["outcome"] == "cleared"
+    assert production.served.version == "4"  # Production keeps serving
+
+
+def test_production_borrows_the_challengers_model_when_it_moves_there(tmp_path, monkeypatch):
+    class Loaded:
+        def to(self, device):
+            return self
+
+    monkeypatch.setattr("serving.follower.load", lambda folder, verify: Loaded())
+    shadow_src = Source(Version("5", "run-5"), lambda v: tmp_path / v.cache_key)
+    challenger = AliasFollower(shadow_src.resolve, shadow_src.fetch, poll_s=60)
+    challenger.sync_once()
+    src = Source(Version("1", "run-1"), lambda v: tmp_path / v.cache_key)
+    production = AliasFollower(src.resolve, src.fetch, poll_s=60, borrow=challenger.loaded)
+    production.sync_once()
+    src.target = Version("5", "run-5")  # promoted from the shadow
+    production.sync_once()
+    assert production.served.model is challenger.served.model
+    assert [v.version for v in src.fetches] == ["1"]  # nothing fetched for v5
+    src.target = Version("5", "run-other")  # same number, another run: not borrowed
+    production.sync_once()
+    assert production.served.model is not challenger.served.model

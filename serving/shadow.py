@@ -1,0 +1,211 @@
+"""The shadow: the Challenger scores live execute decisions without touching the answers.
+
+Each inference worker follows the `Challenger` alias as it follows `Production` (the
+same follower: verified load, shared cache; a second model in the worker's memory).
+After Production has decided a batch, the shadow takes up a share of its decisions
+(`shadow_share`, drawn from each decision id) and keeps them pending. The batching loop
+hands the worker to the shadow between batches (`between_batches`), after the batch's
+answers have left: the Challenger ranks the same candidates in one batched pass and its
+view of each decision is logged to `agent_shadow` (core.decisions) by a log of its own,
+off the request's path and spooled while the database is away.
+
+Production comes first. While requests wait, the shadow may use at most
+`shadow_budget` of the worker's time; decisions it cannot take up in time are logged
+as `skipped`. A Challenger that raises is logged as `error`; one whose alias names a
+version this worker has not loaded (loading, or refused as a bad artifact) as `missing`.
+None of it is ever raised into a request, and the answers never depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from model.decision import Decision, Query, shadow
+from serving.decision_log import DecisionLog
+from serving.follower import AliasFollower
+
+log = logging.getLogger("valifi.serving.shadow")
+
+OUTCOMES = ("scored", "skipped", "error", "missing")
+MAX_CREDIT_S = 1.0  # time budget saved up while the worker is busy, at most
+
+
+def sampled(decision_id: str, share: float) -> bool:
+    """Whether the shadow takes up this decision: a share of the decisions, drawn from
+    the id (a different draw from the one that chose the action)."""
+    if share >= 1:
+        return True
+    digest = hashlib.sha256(f"shadow:{decision_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < share
+
+
+class Shadow:
+    def __init__(
+        self,
+        follower: AliasFollower,
+        log_: DecisionLog,
+        exploration,
+        share: float = 1.0,
+        budget: float = 0.1,
+        max_pending: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.follower, self.log, self.exploration = follower, log_, exploration
+        self.share, self.budget, self.max_pending = share, budget, max_pending
+        self.clock = clock
+        # (the Challenger version that took them up, the queries, Production's decisions)
+        self.pending: deque[tuple[str, list[Query], list[Decision]]] = deque()
+        self.waiting = 0  # decisions pending
+        self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.spent_s = 0.0  # time spent scoring
+        self._credit = 0.0
+        self._last = clock()
+
+    # -- after Production decided (inside predict) --
+    def offer(self, queries: list[Query], made: list[Decision]) -> None:
+        """Keep the sampled decisions of a batch for the shadow; never raises."""
+        try:
+            alias = self.follower.status.alias_version
+            if alias is None or self.share <= 0:
+                return
+            taken = [
+                (q, d)
+                for q, d in zip(queries, made, strict=True)
+                if sampled(q.decision_id, self.share)
+            ]
+            if not taken:
+                return
+            served = self.follower.served
+            if served is None or served.version != alias:
+                self._unscored(taken, alias, "missing", self._missing_reason(alias))
+                return
+            self.pending.append((served.version, [q for q, _ in taken], [d for _, d in taken]))
+            self.waiting += len(taken)
+            while self.waiting > self.max_pending:  # the oldest waited too long
+                version, qs, ds = self.pending.popleft()
+                self.waiting -= len(qs)
+                self._unscored(list(zip(qs, ds, strict=True)), version, "skipped", self._busy())
+        except Exception:  # the shadow never fails a request
+            log.exception("shadow: could not take up a batch")
+
+    # -- between batches (the batching loop) --
+    def between_batches(self, busy: Callable[[], bool]) -> None:
+        """Score what is pending: all of it while no request waits; while requests wait,
+        within the time budget only."""
+        now = self.clock()
+        self._credit = min(MAX_CREDIT_S, self._credit + self.budget * (now - self._last))
+        self._last = now
+        while self.pending:
+            waiting = busy()
+            if waiting and self._credit <= 0:
+                return
+            version, queries, made = self.pending.popleft()
+            self.waiting -= len(queries)
+            started = self.clock()
+            self._score(version, queries, made)
+            took = self.clock() - started
+            self.spent_s += took
+            if waiting:
+                self._credit -= took
+        self._last = self.clock()
+
+    def _score(self, version: str, queries: list[Query], made: list[Decision]) -> None:
+        """Score with the Challenger that took these decisions up (its version)."""
+        served = self.follower.served
+        if served is None or served.version != version:
+            why = f"the Challenger alias left v{version} before it could score them"
+            self._unscored(list(zip(queries, made, strict=True)), version, "skipped", why)
+            return
+        started = self.clock()
+        try:
+            records = shadow(served.model, queries, made, self.exploration, served.version)
+        except Exception as exc:
+            log.warning("shadow: v%s raised on a batch: %s", served.version, exc)
+            self._unscored(
+                list(zip(queries, made, strict=True)),
+                served.version,
+                "error",
+                f"{type(exc).__name__}: {exc}"[:300],
+            )
+            return
+        ms = 1000 * (self.clock() - started) / max(1, len(records))
+        for r in records:
+            if r["outcome"] == "scored":
+                r["scoring_ms"] = ms
+            self.counts[r["outcome"]] += 1
+        self.log.put(records)
+
+    # -- records of what was not scored --
+    def _unscored(self, taken: list[tuple[Query, Decision]], version, outcome, reason) -> None:
+        now = datetime.now(UTC).isoformat()
+        self.counts[outcome] += len(taken)
+        self.log.put(
+            [
+                {
+                    "decision_id": q.decision_id,
+                    "challenger_version": version,
+                    "created_at": now,
+                    "bot": q.agent,
+                    "production_version": d.record["model_version"],
+                    "outcome": outcome,
+                    "reason": reason,
+                }
+                for q, d in taken
+            ]
+        )
+
+    def _missing_reason(self, alias: str) -> str:
+        last = self.follower.status.last_outcome or {}
+        if last.get("version") == alias and last.get("outcome") in ("failed", "retrying"):
+            return f"v{alias} not loaded: {last['outcome']}: {last.get('reason')}"[:300]
+        return f"v{alias} is loading"
+
+    def _busy(self) -> str:
+        return (
+            f"over the time budget: while requests wait the shadow may use "
+            f"{self.budget:.0%} of the worker's time"
+        )
+
+    def close(self) -> None:
+        """Decisions still pending when the worker stops are logged as skipped."""
+        while self.pending:
+            version, queries, made = self.pending.popleft()
+            taken = list(zip(queries, made, strict=True))
+            self._unscored(taken, version, "skipped", "the worker stopped")
+        self.waiting = 0
+
+    # -- reporting --
+    def status(self) -> dict:
+        """The shadow's part of this worker's status."""
+        st, served = self.follower.status, self.follower.served
+        alias = st.alias_version
+        if alias is None:
+            state = "off"
+        elif served is not None and served.version == alias:
+            state = "scoring"
+        else:
+            last = st.last_outcome or {}
+            state = (
+                "failed"
+                if last.get("version") == alias and last.get("outcome") == "failed"
+                else "loading"
+            )
+        return {
+            "state": state,
+            "alias_version": alias,
+            "version": served.version if served else None,
+            "loaded_at": served.loaded_at if served else None,
+            "last_outcome": st.last_outcome,
+            "registry_reachable": st.registry_reachable,
+            "share": self.share,
+            "budget": self.budget,
+            "pending": self.waiting,
+            "spent_s": round(self.spent_s, 3),
+            "log": self.log.status(),
+            **self.counts,
+        }
