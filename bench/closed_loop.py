@@ -341,6 +341,159 @@ def _cell(loop: Loop, d: int, behaviour: float, gap: float) -> str:
     return cell
 
 
+# --- a Challenger in shadow for one day ------------------------------------------------------
+
+# the two challengers: a world to train on (its regime flipped for the worse one: a
+# model of a stale regime), how many rows, and the training seed
+CHALLENGERS = {
+    "worse": ({"seed": 21, "drift_at": datetime(2000, 1, 1)}, 4000),
+    "better": ({"seed": 22}, 10_000),
+}
+
+
+def run_shadow(args, stack: dict, hard: bool) -> None:
+    """Day 0 as the loops start (the seed log, the first nightly model on Production);
+    then each challenger (`CHALLENGERS`: the worse first) on the Challenger alias for one
+    day of live traffic, scored in shadow; then what a nightly run does first
+    (flows.shadow.settle): promote it, take it off, or leave it. Prints the live DR
+    interval beside the true difference of the two exploring policies on the same
+    decisions, and the verdict."""
+    from core.registry import Registry
+    from core.settings import CHALLENGER, Settings
+    from flows.shadow import judge, settle
+
+    world, name = World(hard=hard), "hard" if hard else "default"
+    start = datetime.now(UTC).replace(tzinfo=None, microsecond=0) - timedelta(minutes=5)
+    db = create_database(stack["pg"], f"shadow_{name}")
+    seed_log(db, world, seed_rows_of(args, world), start, seed=args.seed)
+    model = f"closed-loop-shadow-{name}"
+    own = {"DATABASE_URL": db, "VALIFI_MODEL_NAME": model, "VALIFI_SERVE_POLL_INTERVAL_S": "1"}
+    epsilon = {"VALIFI_SERVE_EPSILON": str(args.epsilons[0])}
+    loop = Ours(f"ours, epsilon {args.epsilons[0]:g}", stack["env"] | NIGHT_ENV | epsilon | own)
+    registry = Registry(stack["env"]["MLFLOW_TRACKING_URI"], model)
+    spec = Settings(_env_file=None).gate
+    try:
+        print(f"[{name} shadow] day 0 {loop.night()}", flush=True)
+        for day, (label, (kind, rows)) in enumerate(CHALLENGERS.items(), start=1):
+            version = _challenger(registry, stack, world, label, kind, rows, args.seed)
+            registry.promote(version, f"closed-loop bench: the {label} one", alias=CHALLENGER)
+            _wait_shadow(loop.url, version)
+            since = datetime.now(UTC)
+            served = _shadow_day(loop, world, contexts(world, 100 + day, args.requests, args.seed))
+            rep = _reported(db, registry, spec, version, since)
+            truth = _true_difference(db, version, since, world, served)
+            verdict = judge(rep, spec)
+            settled = settle(db, registry, spec, "closed-loop bench")
+            _print_shadow(name, label, rep, truth, verdict, settled)
+    finally:
+        loop.stop()
+
+
+def _challenger(registry, stack, world: World, label: str, kind: dict, rows: int, seed: int):
+    """A challenger trained on `rows` rows of the world `kind`, registered; its version."""
+    from model.synthetic import write_snapshot
+    from valifi.experiments import register, train
+
+    folder = Path(stack["env"]["VALIFI_DATA_DIR"]) / "challengers" / registry.name / label
+    snap = write_snapshot(folder / "snapshot", rows, World(hard=world.hard, **kind))
+    out = train(snap, folder / "train", seed)
+    return register(registry.uri, registry.name, out, snap)
+
+
+def _wait_shadow(url: str, version: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = httpx.get(f"{url}/status", timeout=10).json()["shadow"]
+        if st["state"] == "scoring" and st.get("alias_versions") == [version]:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the server did not start scoring v{version} in shadow: {st}")
+
+
+def _shadow_day(loop: Ours, world: World, day_ctx) -> dict[str, tuple[str, dict]]:
+    """One day of requests to the loop's server, one request at a time (the shadow
+    scores between them), each reward drawn and posted; decision id -> (bot, input)."""
+    rng = np.random.default_rng(len(day_ctx))
+    served = {}
+    with httpx.Client(timeout=60) as client:
+        for bot, dt, x in day_ctx:
+            action, decision_id, _ = loop.act(bot, dt, x, client)
+            served[decision_id] = (bot, x)
+            loop.reward(decision_id, world.noisy_reward(bot, x, action, rng), client)
+    return served
+
+
+def _reported(db, registry, spec, version: str, since: datetime) -> dict:
+    """The shadow report once every decision of the day has its shadow row written."""
+    from flows.shadow import report
+
+    for _ in range(60):
+        rep = report(db, registry, spec, version, since)
+        time.sleep(1.0)
+        again = report(db, registry, spec, version, since)
+        if again["rows"] == rep["rows"]:
+            return again
+    return again
+
+
+def _true_difference(db, version: str, since: datetime, world: World, served: dict) -> float:
+    """The true value of the Challenger's exploring policy minus Production's, on the
+    decisions the report's estimate covers (scored, with a reward)."""
+    from core import decisions
+
+    conn = decisions.connect(db, decisions.SHADOW)
+    try:
+        rows = decisions.shadow_window(conn, version, since, datetime.now(UTC))
+    finally:
+        conn.close()
+    diffs = []
+    for r in rows:
+        if r["outcome"] != "scored" or r["reward"] is None or r["decision_id"] not in served:
+            continue
+        bot, x = served[r["decision_id"]]
+        diffs.append(
+            _policy_value(world, bot, x, r["shadow_ranking"])
+            - _policy_value(world, bot, x, r["ranking"])
+        )
+    return float(np.mean(diffs)) if diffs else float("nan")
+
+
+def _policy_value(world: World, bot: str, x: dict, ranking: str) -> float:
+    """The true value of an exploring policy in one context: its logged probabilities."""
+    import json
+
+    return sum(
+        c["probability"] * world.true_reward(bot, x, c["action"]) for c in json.loads(ranking)
+    )
+
+
+def _print_shadow(name, label, rep, truth, verdict, settled) -> None:
+    dr, v = rep["value"].get("dr"), rep["value"]
+    print(f"\n## {name} world: the {label} challenger, v{rep['version']}, one day in shadow")
+    print(
+        f"- decisions: {rep['rows']} taken up, {rep['counts']['scored']} scored, "
+        f"{rep['with_reward']} with a reward; effective sample size {v.get('ess', 0):.0f}; "
+        f"first choice the same as Production's {rep['agreement'] or 0:.1%}"
+    )
+    if dr:
+        inside = dr["ci"][0] <= truth <= dr["ci"][1]
+        print(
+            f"- live DR difference {dr['diff']:+.4f} [{dr['ci'][0]:+.4f}, {dr['ci'][1]:+.4f}]; "
+            f"true difference {truth:+.4f}: {'inside' if inside else 'OUTSIDE'} the interval"
+        )
+    print(f"- verdict: {verdict.outcome}: {verdict.reason}")
+    moved = (
+        "promoted to Production"
+        if settled["promoted"]
+        else (
+            "taken off the Challenger alias"
+            if settled["cleared"]
+            else "left on the Challenger alias"
+        )
+    )
+    print(f"- the nightly run's first step: {moved}", flush=True)
+
+
 # --- the stack -----------------------------------------------------------------------------
 
 
@@ -388,6 +541,11 @@ def main() -> int:
     p.add_argument("--no-greedy", dest="greedy", action="store_false")
     p.add_argument("--no-vw", dest="vw", action="store_false")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shadow",
+        action="store_true",
+        help="instead of the loops: a worse and a better challenger, one day each in shadow",
+    )
     args = p.parse_args()
     # a stopped bench stops its servers and its stack (the finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -396,7 +554,7 @@ def main() -> int:
     started = time.monotonic()
     try:
         for w in args.worlds:
-            run_world(args, stack, hard=w == "hard")
+            (run_shadow if args.shadow else run_world)(args, stack, hard=w == "hard")
     finally:
         from valifi import stack as local
 

@@ -6,7 +6,10 @@ One command, one machine, one promoted version. It starts an MLflow server of it
 own, trains and promotes a small model, then starts side by side:
 
 - `valifi serve` with its defaults (2 workers, dynamic batching, the cores shared
-  out between the workers);
+  out between the workers), and beside it the same server with the decision log
+  and exploration off, and the same server with a Challenger scored in shadow on
+  every execute decision (`VALIFI_SERVE_SHADOW_SHARE` 1.0: another training of the
+  same size on the `Challenger` alias of a registered model of its own);
 - `mlflow models serve` of the same version with as many workers, as shipped (each
   worker's torch on every core) and with `OMP_NUM_THREADS=1` (its best set-up here);
 - the same LitServe set-up (request model, workers, batching, middlewares) with a
@@ -41,6 +44,7 @@ from valifi.experiments import with_venv_path
 ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = "valifi-agent-bench"
+MODEL_SHADOW = "valifi-agent-bench-shadow"  # the same Production, and a Challenger
 INFO = [
     "What is Valifi?",
     "What is the system status?",
@@ -181,8 +185,11 @@ def measure_worst(url: str, pid: int, execute: dict, seconds: float) -> None:
 
 
 def train_and_promote(uri: str, root: Path) -> str:
-    """A small model (1,500 synthetic rows, 2 epochs) trained, registered and promoted."""
+    """A small model (1,500 synthetic rows, 2 epochs) trained, registered and promoted;
+    registered and promoted as MODEL_SHADOW too, with another training of the same
+    size (another seed) as its Challenger."""
     from core.registry import Registry
+    from core.settings import CHALLENGER
     from model.synthetic import World, write_snapshot
     from valifi.experiments import register, train
 
@@ -190,6 +197,13 @@ def train_and_promote(uri: str, root: Path) -> str:
     out = train(snap, root / "train", 1, "--max-epochs", "2")
     version = register(uri, MODEL, out, snap)
     Registry(uri, MODEL).promote(version, "serving benchmark")
+    shadowed = Registry(uri, MODEL_SHADOW)
+    shadowed.promote(register(uri, MODEL_SHADOW, out, snap), "serving benchmark")
+    other = write_snapshot(root / "snap2", 1500, World(seed=2))
+    challenger = register(
+        uri, MODEL_SHADOW, train(other, root / "train2", 2, "--max-epochs", "2"), other
+    )
+    shadowed.promote(challenger, "serving benchmark", alias=CHALLENGER, action="shadow")
     return version
 
 
@@ -241,9 +255,11 @@ def servers(ports: dict[str, int], workers: int, data_dir: Path, db: str) -> dic
         cmd = [sys.executable, "-m", "valifi.cli", "serve", "--port", str(ports[name])]
         return [cmd, env, url(ports[name], "predict")]
 
+    shadow = ours | {"VALIFI_MODEL_NAME": MODEL_SHADOW, "VALIFI_SERVE_SHADOW_SHARE": "1.0"}
     return {
         "valifi serve": valifi("valifi serve", ours),
         OFF: valifi(OFF, off),
+        SHADOW: valifi(SHADOW, shadow),
         "mlflow models serve": [
             mlflow_serve_command(MODEL, ports["mlflow models serve"], workers),
             {},
@@ -320,7 +336,15 @@ def combine(runs: list[dict]) -> dict:
 
 
 OFF = "valifi serve, no log, greedy"
-NAMES = ("valifi serve", OFF, "mlflow models serve", "mlflow, 1 thread/worker", "no-op LitServe")
+SHADOW = "valifi serve, shadow 1.0"
+NAMES = (
+    "valifi serve",
+    OFF,
+    SHADOW,
+    "mlflow models serve",
+    "mlflow, 1 thread/worker",
+    "no-op LitServe",
+)
 
 
 def report(table: dict, concurrency: list[int]) -> bool:
@@ -332,7 +356,7 @@ def report(table: dict, concurrency: list[int]) -> bool:
     met = True
     for mix in ("execute", "mixed"):
         for c in concurrency:
-            ours, noop = cells[(mix, c, "valifi serve")], cells[(mix, c, "no-op LitServe")]
+            ours, noop = cells[(mix, c, "valifi serve")], cells.get((mix, c, "no-op LitServe"))
             ml = [
                 cells[(mix, c, n)] for n in NAMES if n.startswith("mlflow") and (mix, c, n) in cells
             ]
@@ -345,12 +369,12 @@ def report(table: dict, concurrency: list[int]) -> bool:
                     f" ({r['cpu_workers']:.2f})" if not name.startswith("mlflow") else ""
                 )
                 vs_ml = f"{r['rps'] / best['rps']:.2f}x" if best else "n/a"
+                vs_noop = f"{r['rps'] / noop['rps']:.2f}x" if noop else "n/a"
                 print(
                     f"{mix:<8} {c:>4}  {name:<24} {r['rps']:7.1f} {r['p50']:7.1f} "
-                    f"{r['p99']:7.1f} {r['failed']:>6} {cpu:>11}  {vs_ml:>9} "
-                    f"{r['rps'] / noop['rps']:>7.2f}x"
+                    f"{r['p99']:7.1f} {r['failed']:>6} {cpu:>11}  {vs_ml:>9} {vs_noop:>8}"
                 )
-            if best and c > 1:
+            if best and noop and c > 1:
                 ok = (
                     ours["rps"] >= 2.5 * best["rps"]
                     and ours["p99"] <= best["p99"]
@@ -368,12 +392,36 @@ def report(table: dict, concurrency: list[int]) -> bool:
                     f"{1 - ours['rps'] / off['rps']:+.1%} of the throughput, p99 "
                     f"{ours['p99'] / off['p99'] - 1:+.1%} (target: within 10%)"
                 )
+            shadow = cells.get((mix, c, SHADOW))
+            if shadow:
+                print(
+                    f"{'':<14}the shadow (share 1.0) costs "
+                    f"{1 - shadow['rps'] / ours['rps']:+.1%} of the throughput, p99 "
+                    f"{shadow['p99'] / ours['p99'] - 1:+.1%} (target: within 10%)"
+                )
+                met &= shadow["failed"] == 0
             met &= ours["failed"] == 0
     print(
         "\nCPU ms/req: all the server's processes over the client run, per request; in\n"
         "brackets the inference workers' share (the rest: HTTP process and queue manager)."
     )
     return met
+
+
+def _names(text: str) -> set[str]:
+    """Server names from `--only` (names may hold commas: matched against NAMES)."""
+    wanted = {n for n in NAMES if n in text}
+    if not wanted:
+        raise SystemExit(f"--only names none of: {', '.join(NAMES)}")
+    return wanted
+
+
+def print_shadow(predict_url: str) -> None:
+    """What the shadow scored under the load, from the server's /status."""
+    import httpx
+
+    st = httpx.get(predict_url.rsplit("/", 1)[0] + "/status", timeout=10).json()["shadow"]
+    print(f"\nshadow over the whole run: {st.get('summary')}")
 
 
 def main() -> int:
@@ -383,6 +431,11 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,8,32", help="client connections, comma-separated")
     p.add_argument("--workers", type=int, default=2, help="mlflow workers (ours: its default)")
     p.add_argument("--worst-only", action="store_true", help="only the requests at the limits")
+    p.add_argument(
+        "--only",
+        help="these servers alone, comma-separated (e.g. 'valifi serve,valifi serve, shadow "
+        "1.0' to measure the shadow's cost): names as printed",
+    )
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.client:
@@ -417,6 +470,9 @@ def run(args, data: Path, db_settings, procs: dict) -> int:
             ports = {n: free_port() for n in NAMES}
             db = local.start_embedded_pg(db_settings)  # the decision log's database
             started = servers(ports, args.workers, data / "serve", db)
+            if args.only:
+                wanted = _names(args.only)
+                started = {n: v for n, v in started.items() if n in wanted}
             logs = data / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             for name, (cmd, env, _) in started.items():
@@ -430,6 +486,8 @@ def run(args, data: Path, db_settings, procs: dict) -> int:
                 measure(args, table, started, bodies, procs)
                 met = report(table, args.concurrency)
                 print(f"\ntargets {'met' if met else 'NOT met'}")
+                if SHADOW in started:
+                    print_shadow(started[SHADOW][2])
             measure_worst(started[ours][2], procs[ours].pid, execute[0], args.seconds)
             return 0
         finally:

@@ -71,8 +71,8 @@ class Shadow:
         """Keep the sampled decisions of a batch for the shadow; never raises."""
         try:
             alias = self.follower.status.alias_version
-            if alias is None or self.share <= 0:
-                return
+            if alias is None or self.share <= 0 or not self.log.enabled:
+                return  # no Challenger, or nowhere to log its view: nothing to score
             taken = [
                 (q, d)
                 for q, d in zip(queries, made, strict=True)
@@ -184,7 +184,7 @@ class Shadow:
         """The shadow's part of this worker's status."""
         st, served = self.follower.status, self.follower.served
         alias = st.alias_version
-        if alias is None:
+        if alias is None or not self.log.enabled:
             state = "off"
         elif served is not None and served.version == alias:
             state = "scoring"

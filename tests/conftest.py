@@ -55,12 +55,12 @@ from tests.helpers import valifi  # noqa: E402 (after the environment is set)
 # sessions): scripts/test.py hands out whole modules in collection order, and a long
 # module left for the end keeps one session busy while the other idles.
 SLOWEST_FIRST = (
+    "tests/model/test_behaviour.py",
+    "tests/model/test_drift.py",
     "tests/e2e/test_train_flow.py",
     "tests/e2e/test_deployment.py",
     "tests/e2e/test_serving.py",
     "tests/e2e/test_shadow.py",
-    "tests/model/test_drift.py",
-    "tests/model/test_behaviour.py",
     "tests/e2e/test_export.py",
     "tests/e2e/test_decisions.py",
     "tests/e2e/test_bots_change.py",

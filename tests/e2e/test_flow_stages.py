@@ -46,7 +46,7 @@ def test_too_little_data_ends_as_skipped(flow_db):
         "of 42 exported < 100"
     )
     runs = _task_runs(state.state_details.flow_run_id)
-    assert set(runs) == {"superseded", "export"}  # validation never ran
+    assert set(runs) == {"superseded", "shadow", "export"}  # validation never ran
 
 
 def test_invalid_data_fails_before_training_with_the_failed_expectations(flow_db):
@@ -58,7 +58,7 @@ def test_invalid_data_fails_before_training_with_the_failed_expectations(flow_db
     assert "expect_column_values_to_be_between on reward" in state.message
     assert "5.00% unexpected" in state.message
     runs = _task_runs(state.state_details.flow_run_id)
-    assert set(runs) == {"superseded", "export", "validate"}
+    assert set(runs) == {"superseded", "shadow", "export", "validate"}
     assert runs["validate"].state.is_failed() and runs["validate"].run_count == 1
 
 

@@ -67,6 +67,8 @@ def test_a_challenger_that_does_not_know_the_agent_errs_for_those_requests_alone
 
 
 class Log:
+    enabled = True
+
     def __init__(self):
         self.records: list[dict] = []
 
