@@ -9,10 +9,12 @@ intervals and the effective sample size (model.offpolicy.live_estimates). The
 reward model of the DR terms is Production's own expected reward of each candidate
 (the Challenger's, for a candidate Production did not rank).
 
-`judge` turns the report into a verdict with the gate's numbers: `promote` when the
-lower bound of the DR difference lies above -margin x the rewards' standard
-deviation with at least `ope_min_ess` decisions' worth of evidence; `reject` when its
-upper bound lies below -margin (shown worse); else `wait`, with the reason.
+`judge` turns the report into a verdict with the gate's numbers: `reject` when the
+upper bound of the DR difference lies below -margin x the rewards' standard
+deviation (shown worse: taking a Challenger off errs on the safe side, so no floor
+on the evidence); `promote` when its lower bound lies above -margin with at least
+`ope_min_ess` decisions' worth of evidence (effective sample size); else `wait`, with
+the reason.
 """
 
 from __future__ import annotations
@@ -169,13 +171,13 @@ def judge(rep: dict, spec: GateSpec) -> Verdict:
         f"[{low:+.4f}, {high:+.4f}], effective sample size {v['ess']:.0f}"
     )
     bound = f"the margin {-margin:+.4f}"
+    if high < -margin:  # taking it off errs on the safe side: no evidence floor
+        return Verdict(REJECT, f"{text}: worse (upper bound below {bound})")
     if v["ess"] < spec.ope_min_ess:
-        need = f"an effective sample size of {spec.ope_min_ess:g} is needed"
+        need = f"an effective sample size of {spec.ope_min_ess:g} is needed to promote"
         return Verdict(WAIT, f"{text}: too little evidence ({need})")
     if low > -margin:
         return Verdict(PROMOTE, f"{text}: non-inferior (lower bound above {bound})")
-    if high < -margin:
-        return Verdict(REJECT, f"{text}: worse (upper bound below {bound})")
     return Verdict(WAIT, f"{text}: not shown non-inferior yet (lower bound not above {bound})")
 
 

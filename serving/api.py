@@ -152,9 +152,13 @@ class AgentAPI(ls.LitAPI):
             on_poll=lambda: self.follower.write_status(),
         )
         log_ = _decision_log(self.settings, decision_tables.SHADOW).start()
-        budget = serve.shadow_budget
+        share = serve.shadow_share
+        if serve.max_batch_size <= 1 and share > 0:
+            # the shadow scores between batches (serving.batching), a loop of batches
+            log.warning("no shadow scoring: VALIFI_SERVE_MAX_BATCH_SIZE is 1 (no batching)")
+            share = 0.0
         return Shadow(
-            challenger, log_, self.policy, serve.shadow_share, budget, serve.shadow_max_pending
+            challenger, log_, self.policy, share, serve.shadow_budget, serve.shadow_max_pending
         )
 
     def between_batches(self, busy) -> None:

@@ -184,7 +184,7 @@ class Shadow:
         """The shadow's part of this worker's status."""
         st, served = self.follower.status, self.follower.served
         alias = st.alias_version
-        if alias is None or not self.log.enabled:
+        if alias is None or not self.log.enabled or self.share <= 0:
             state = "off"
         elif served is not None and served.version == alias:
             state = "scoring"

@@ -252,3 +252,6 @@ def test_the_verdict_waits_promotes_or_rejects_on_the_evidence():
     worse += [_row(i + 150, 1.0, p_logged=0.5, p_challenger=0.1) for i in range(150)]
     verdict, rep = _verdict(worse)
     assert verdict.outcome == REJECT and rep["value"]["dr"]["diff"] < 0
+    # shown worse on little evidence: taken off all the same (the safe direction)
+    verdict, rep = _verdict(worse[:30] + worse[150:180])
+    assert rep["value"]["ess"] < 100 and verdict.outcome == REJECT
