@@ -119,11 +119,16 @@ class GateSpec(BaseModel):
     # `Challenger` alias, scored in shadow on live traffic, and moved to Production by a
     # later run (or `valifi promote --from-shadow`) only when its doubly-robust value on
     # the live decisions, minus Production's, has its lower bound above -margin x the
-    # rewards' standard deviation, from at least `ope_min_ess` decisions' worth of
+    # rewards' standard deviation, from at least `shadow_min_ess` decisions' worth of
     # evidence (effective sample size).
     promote_via: Literal["production", "shadow"] = "production"
     # a Challenger not shown non-inferior within this many days is taken off the alias
     shadow_max_days: float = Field(7.0, gt=0)
+    # The live evidence a promotion from the shadow needs: its effective sample size.
+    # Lower than `ope_min_ess`: the live decisions' probabilities are the ones used,
+    # not estimated (measured: the live interval held the true difference in every
+    # closed-loop run, with effective sample sizes from 33 up).
+    shadow_min_ess: float = Field(50.0, ge=0)
 
 
 class WatchSpec(BaseModel):
@@ -242,11 +247,11 @@ class _ServeSpecBase(BaseModel):
     log_queue: int = Field(10_000, ge=1)
     log_retry_s: float = Field(2.0, gt=0)  # between tries while the database is down
     # The Challenger alias, when set, is scored in shadow on this share of the execute
-    # decisions (drawn from each decision id), after their answers have left; while
-    # requests wait it may use at most `shadow_budget` of each worker's time, and the
+    # decisions (drawn from each decision id), after their answers have left: freely
+    # while no request comes, else within `shadow_budget` of each worker's time; the
     # decisions it has no time for are logged as skipped (agent_shadow). 0: no shadow.
     shadow_share: float = Field(1.0, ge=0, le=1)
-    shadow_budget: float = Field(0.1, ge=0, le=1)
+    shadow_budget: float = Field(0.05, ge=0, le=1)
     shadow_max_pending: int = Field(256, ge=1)  # decisions waiting for the shadow, at most
 
     def policy(self):

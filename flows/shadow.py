@@ -13,8 +13,8 @@ reward model of the DR terms is Production's own expected reward of each candida
 upper bound of the DR difference lies below -margin x the rewards' standard
 deviation (shown worse: taking a Challenger off errs on the safe side, so no floor
 on the evidence); `promote` when its lower bound lies above -margin with at least
-`ope_min_ess` decisions' worth of evidence (effective sample size); else `wait`, with
-the reason.
+`shadow_min_ess` decisions' worth of evidence (effective sample size); else `wait`,
+with the reason.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def summarise(rows: list[dict], spec: GateSpec, production: str | None) -> dict:
         *_pieces(evidence),
         n_boot=spec.ope_bootstrap,
         alpha=1 - spec.confidence,
-        min_ess=spec.ope_min_ess,
+        min_ess=spec.shadow_min_ess,
     )
     return {
         "rows": len(rows),
@@ -173,8 +173,8 @@ def judge(rep: dict, spec: GateSpec) -> Verdict:
     bound = f"the margin {-margin:+.4f}"
     if high < -margin:  # taking it off errs on the safe side: no evidence floor
         return Verdict(REJECT, f"{text}: worse (upper bound below {bound})")
-    if v["ess"] < spec.ope_min_ess:
-        need = f"an effective sample size of {spec.ope_min_ess:g} is needed to promote"
+    if v["ess"] < spec.shadow_min_ess:
+        need = f"an effective sample size of {spec.shadow_min_ess:g} is needed to promote"
         return Verdict(WAIT, f"{text}: too little evidence ({need})")
     if low > -margin:
         return Verdict(PROMOTE, f"{text}: non-inferior (lower bound above {bound})")

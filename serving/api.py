@@ -161,9 +161,13 @@ class AgentAPI(ls.LitAPI):
             challenger, log_, self.policy, share, serve.shadow_budget, serve.shadow_max_pending
         )
 
-    def between_batches(self, busy) -> None:
-        """The batching loop's idle moment (serving.batching): the shadow's turn."""
-        self.shadow.between_batches(busy)
+    def spare_time(self, idle: bool) -> bool:
+        """The batching loop's moment between batches (serving.batching): one piece of
+        the shadow's work (freely when `idle`, else within its budget); whether done."""
+        return self.shadow.step(idle)
+
+    def has_spare_work(self) -> bool:
+        return self.shadow.has_work()
 
     def _on_reload(self, outcome: str, version: str) -> None:
         metrics.RELOADS.labels(outcome, version).inc()
@@ -263,7 +267,7 @@ class AgentAPI(ls.LitAPI):
         for d in made:
             d.record["decide_ms"] = ms
         self.decisions.put([d.record for d in made])  # queued: written off the request's path
-        self.shadow.offer(queries, made)  # scored after the answers leave (between_batches)
+        self.shadow.offer(queries, made)  # scored after the answers leave (spare_time)
         return [d.answer | {"model_version": served.version} for d in made]
 
     # -- info --

@@ -9,8 +9,9 @@ Under load requests pile up while a batch is computed, so batches grow by
 themselves; alone, a request is answered at once.
 
 Between batches, once the previous batch's answers have left, the API's
-`between_batches(busy)` (if it has one) gets the worker: the shadow scores the
-Challenger there (serving.shadow); `busy()` says whether requests are waiting.
+`spare_time(idle)` (if it has one) gets the worker: the shadow scores the
+Challenger there (serving.shadow), within its budget, and freely while no request
+comes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from litserve.loops.simple_loops import BatchedLoop
 log = logging.getLogger("valifi.serving")
 
 IDLE_WAIT_S = 1.0  # how long one blocking wait lasts before the loop looks again
+IDLE_GAP_S = 0.002  # no request for this long: the worker is idle (work between batches)
 
 
 class _FirstThen:
@@ -47,14 +49,31 @@ class _FirstThen:
 
 class DrainingBatchedLoop(BatchedLoop):
     def get_batch_requests(self, lit_api, request_queue, transport):
-        between = getattr(lit_api, "between_batches", None)
-        if between is not None:  # the previous batch's answers have left
+        first = self._spare_time(lit_api, request_queue)
+        if first is None:
             try:
-                between(lambda: not request_queue.empty())
-            except Exception:  # never let it stop the loop
-                log.exception("work between batches failed")
-        try:
-            first = request_queue.get(timeout=IDLE_WAIT_S)
-        except Empty:
-            return [], []
+                first = request_queue.get(timeout=IDLE_WAIT_S)
+            except Empty:
+                return [], []
         return collate_requests(self, lit_api, _FirstThen(first, request_queue), transport)
+
+    @staticmethod
+    def _spare_time(lit_api, request_queue):
+        """The API's work between batches (`spare_time(idle)`, one piece per call, and
+        `has_spare_work()`), once the previous batch's answers have left: pieces within
+        its budget first, then more while no request comes for IDLE_GAP_S. Returns a
+        request that came meanwhile, if one did."""
+        work = getattr(lit_api, "spare_time", None)
+        if work is None:
+            return None
+        try:
+            while work(False):  # within the budget, whatever waits
+                pass
+            while lit_api.has_spare_work():
+                try:
+                    return request_queue.get(timeout=IDLE_GAP_S)
+                except Empty:
+                    work(True)  # idle: the worker is free
+        except Exception:  # never let it stop the loop
+            log.exception("work between batches failed")
+        return None

@@ -4,14 +4,16 @@ Each inference worker follows the `Challenger` alias as it follows `Production` 
 same follower: verified load, shared cache; a second model in the worker's memory).
 After Production has decided a batch, the shadow takes up a share of its decisions
 (`shadow_share`, drawn from each decision id) and keeps them pending. The batching loop
-hands the worker to the shadow between batches (`between_batches`), after the batch's
-answers have left: the Challenger ranks the same candidates in one batched pass and its
-view of each decision is logged to `agent_shadow` (core.decisions) by a log of its own,
-off the request's path and spooled while the database is away.
+(serving.batching) hands the worker to the shadow between batches, after the batch's
+answers have left, a piece of at most STEP decisions at a time (`step`): the
+Challenger ranks the same candidates in one batched pass and its view of each
+decision is logged to `agent_shadow` (core.decisions) by a log of its own, off the
+request's path and spooled while the database is away.
 
-Production comes first. While requests wait, the shadow may use at most
-`shadow_budget` of the worker's time; decisions it cannot take up in time are logged
-as `skipped`. A Challenger that raises is logged as `error`; one whose alias names a
+Production comes first. The shadow has the worker freely when it is idle (no request
+came for a moment); otherwise it may use at most `shadow_budget` of the worker's
+time. Decisions it has no time for (more than `max_pending` waiting) are logged as
+`skipped`. A Challenger that raises is logged as `error`; one whose alias names a
 version this worker has not loaded (loading, or refused as a bad artifact) as `missing`.
 None of it is ever raised into a request, and the answers never depend on it.
 """
@@ -32,7 +34,8 @@ from serving.follower import AliasFollower
 log = logging.getLogger("valifi.serving.shadow")
 
 OUTCOMES = ("scored", "skipped", "error", "missing")
-MAX_CREDIT_S = 1.0  # time budget saved up while the worker is busy, at most
+STEP = 8  # decisions scored at a time: a request arriving meanwhile waits this long
+MAX_CREDIT_S = 0.05  # time budget saved up while the worker is busy, at most
 
 
 def sampled(decision_id: str, share: float) -> bool:
@@ -84,7 +87,9 @@ class Shadow:
             if served is None or served.version != alias:
                 self._unscored(taken, alias, "missing", self._missing_reason(alias))
                 return
-            self.pending.append((served.version, [q for q, _ in taken], [d for _, d in taken]))
+            for i in range(0, len(taken), STEP):  # pieces short enough to wait for
+                piece = taken[i : i + STEP]
+                self.pending.append((served.version, [q for q, _ in piece], [d for _, d in piece]))
             self.waiting += len(taken)
             while self.waiting > self.max_pending:  # the oldest waited too long
                 version, qs, ds = self.pending.popleft()
@@ -93,26 +98,27 @@ class Shadow:
         except Exception:  # the shadow never fails a request
             log.exception("shadow: could not take up a batch")
 
-    # -- between batches (the batching loop) --
-    def between_batches(self, busy: Callable[[], bool]) -> None:
-        """Score what is pending: all of it while no request waits; while requests wait,
-        within the time budget only."""
+    # -- the worker's spare time (the batching loop) --
+    def has_work(self) -> bool:
+        return bool(self.pending)
+
+    def step(self, idle: bool) -> bool:
+        """Score one piece of what is pending (at most STEP decisions): freely when the
+        worker is idle, else only within the time budget. Whether it scored."""
         now = self.clock()
         self._credit = min(MAX_CREDIT_S, self._credit + self.budget * (now - self._last))
         self._last = now
-        while self.pending:
-            waiting = busy()
-            if waiting and self._credit <= 0:
-                return
-            version, queries, made = self.pending.popleft()
-            self.waiting -= len(queries)
-            started = self.clock()
-            self._score(version, queries, made)
-            took = self.clock() - started
-            self.spent_s += took
-            if waiting:
-                self._credit -= took
+        if not self.pending or (not idle and self._credit <= 0):
+            return False
+        version, queries, made = self.pending.popleft()
+        self.waiting -= len(queries)
+        self._score(version, queries, made)
+        took = self.clock() - now
+        self.spent_s += took
+        if not idle:
+            self._credit -= took
         self._last = self.clock()
+        return True
 
     def _score(self, version: str, queries: list[Query], made: list[Decision]) -> None:
         """Score with the Challenger that took these decisions up (its version)."""

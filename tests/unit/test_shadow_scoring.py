@@ -87,42 +87,48 @@ def _follower(model, version="2", alias="2", last=None):
 
 class Clock:
     def __init__(self):
-        self.t = 0.0
+        self.t, self.tick = 0.0, 0.0  # each reading advances it by `tick`
 
     def __call__(self):
-        return self.t
+        self.t += self.tick
+        return self.t - self.tick
 
 
-def test_pending_decisions_are_scored_between_batches_and_never_before(models):
+def test_pending_decisions_are_scored_in_spare_time_and_never_before(models):
     log = Log()
     sh = Shadow(_follower(models["other"]), log, Exploration())
-    qs = _queries(8)
+    qs = _queries(20)
     made = decide(models["production"], qs, Exploration(), "1")
     sh.offer(qs, made)
-    assert log.records == [] and sh.waiting == 8  # nothing done on the request's path
-    sh.between_batches(lambda: False)
-    assert [r["outcome"] for r in log.records] == ["scored"] * 8
+    assert log.records == [] and sh.waiting == 20  # nothing done on the request's path
+    assert len(sh.pending) == 3  # pieces of at most 8 decisions
+    while sh.step(idle=True):
+        pass
+    assert [r["outcome"] for r in log.records] == ["scored"] * 20
     assert all(r["scoring_ms"] >= 0 for r in log.records)
-    assert sh.counts["scored"] == 8 and sh.waiting == 0
+    assert sh.counts["scored"] == 20 and sh.waiting == 0 and not sh.has_work()
 
 
-def test_while_requests_wait_the_shadow_keeps_to_its_budget_and_logs_what_it_skips(models):
+def test_while_the_worker_is_busy_the_shadow_keeps_to_its_budget_and_logs_what_it_skips(
+    models,
+):
     log, clock = Log(), Clock()
     follower = _follower(models["other"])
     sh = Shadow(follower, log, Exploration(), budget=0.1, max_pending=8, clock=clock)
     qs = _queries(4)
     made = decide(models["production"], qs, Exploration(), "1")
     sh.offer(qs, made)
-    sh.between_batches(lambda: True)  # busy, no time saved up yet: nothing scored
+    assert not sh.step(idle=False)  # busy, no time saved up yet: nothing scored
     assert log.records == [] and sh.waiting == 4
     for _ in range(2):  # more batches: the oldest are dropped past max_pending
         sh.offer(qs, made)
     assert sh.waiting == 8 and sh.counts["skipped"] == 4
     assert {r["outcome"] for r in log.records} == {"skipped"}
     assert "time budget" in log.records[0]["reason"]
-    clock.t = 10.0  # 10 s busy: 1 s of shadow time earned (10%)
-    sh.between_batches(lambda: True)
-    assert sh.counts["scored"] >= 4
+    clock.t, clock.tick = 0.1, 0.01  # 0.1 s busy: 10 ms of shadow time earned
+    assert sh.step(idle=False) and sh.counts["scored"] == 4
+    assert not sh.step(idle=False)  # that piece took more than 10 ms: the credit is spent
+    assert sh.step(idle=True) and sh.counts["scored"] == 8  # idle: free
 
 
 def test_a_challenger_that_raises_or_is_missing_is_counted_never_raised(models):
@@ -138,7 +144,7 @@ def test_a_challenger_that_raises_or_is_missing_is_counted_never_raised(models):
     qs = _queries(3)
     made = decide(models["production"], qs, Exploration(), "1")
     sh.offer(qs, made)
-    sh.between_batches(lambda: False)
+    sh.step(idle=True)
     assert sh.counts["error"] == 3 and "RuntimeError: boom" in log.records[0]["reason"]
 
     last = {"version": "3", "outcome": "failed", "reason": "canary scores differ"}
@@ -241,7 +247,7 @@ def test_the_verdict_waits_promotes_or_rejects_on_the_evidence():
     assert _verdict([])[0].outcome == WAIT
     no_reward = [_row(i, None) for i in range(200)]
     assert "no decision scored in shadow has a reward" in _verdict(no_reward)[0].reason
-    few = [_row(i, float(i % 2)) for i in range(50)]
+    few = [_row(i, float(i % 2)) for i in range(40)]
     assert "too little evidence" in _verdict(few)[0].reason
     same = [_row(i, float(i % 2)) for i in range(300)]
     verdict, rep = _verdict(same)
