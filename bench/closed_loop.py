@@ -368,6 +368,9 @@ def run_shadow(args, stack: dict, hard: bool) -> None:
     seed_log(db, world, seed_rows_of(args, world), start, seed=args.seed)
     model = f"closed-loop-shadow-{name}"
     own = {"DATABASE_URL": db, "VALIFI_MODEL_NAME": model, "VALIFI_SERVE_POLL_INTERVAL_S": "1"}
+    # the day's requests come back to back (a day in a minute): no time budget, so that
+    # the shadow sees the whole day, as it would at a day's real pace
+    own["VALIFI_SERVE_SHADOW_BUDGET"] = "1"
     epsilon = {"VALIFI_SERVE_EPSILON": str(args.epsilons[0])}
     loop = Ours(f"ours, epsilon {args.epsilons[0]:g}", stack["env"] | NIGHT_ENV | epsilon | own)
     registry = Registry(stack["env"]["MLFLOW_TRACKING_URI"], model)

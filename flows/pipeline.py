@@ -565,15 +565,15 @@ def _promote(run: Run, registry: Registry, gate: dict, version: str):
     """Load-check, move Production (if it still holds what the gate judged), watch; or
     with `promote_via` shadow, put it on the Challenger alias instead."""
     load_check_task(registry, version)
-    if run.settings.gate.promote_via == "shadow":
+    # (a first model goes to Production all the same: the shadow needs one serving)
+    if run.settings.gate.promote_via == "shadow" and gate.get("champion_version"):
         challenger_task.with_options(**run.retrying)(
             registry, version, gate["summary"], f"{_flow_run_id()}:shadow:{version}"
         )
-        production = f"v{gate['champion_version']}" if gate.get("champion_version") else "none"
         return Completed(
             name="Challenger",
             message=f"v{version} passed the gate and is scored in shadow as {CHALLENGER} "
-            f"(Production stays {production}); a later run, or `valifi promote "
+            f"(Production stays v{gate['champion_version']}); a later run, or `valifi promote "
             "--from-shadow`, promotes it once its live value is shown non-inferior: "
             + "; ".join(gate["reasons"]),
         )

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 
 from core import decisions as decision_tables
 from core.registry import Registry
-from core.settings import ALIAS, Settings
+from core.settings import ALIAS, CHALLENGER, Settings
 from model.decision import Query, decide
 from serving import metrics
 from serving.batching import DrainingBatchedLoop
@@ -333,6 +333,7 @@ class AgentAPI(ls.LitAPI):
             "registry_error": st.registry_error,
             "metrics": _shown_metrics(served.model.metrics) if served else {},
             "worker": self.worker,
+            "shadow": self.shadow.status(),
         }
         if served:
             m = status["metrics"]
@@ -356,9 +357,15 @@ class AgentAPI(ls.LitAPI):
             if st.registry_reachable is False
             else "not checked yet"
         )
+        shadow = status["shadow"]
+        challenger = (
+            f" {CHALLENGER} v{shadow['alias_version']} in shadow: {shadow['state']}."
+            if shadow["alias_version"]
+            else ""
+        )
         answer = (
             f"{model} Up {uptime / 60:.1f} min, {status['requests_served']} requests "
-            f"served.{reload} Model registry {registry}."
+            f"served.{reload} Model registry {registry}.{challenger}"
         )
         return answer, status
 

@@ -25,7 +25,7 @@ from litserve.loops.simple_loops import BatchedLoop
 log = logging.getLogger("valifi.serving")
 
 IDLE_WAIT_S = 1.0  # how long one blocking wait lasts before the loop looks again
-IDLE_GAP_S = 0.002  # no request for this long: the worker is idle (work between batches)
+IDLE_GAP_S = 0.005  # no request for this long: the worker is idle (work between batches)
 
 
 class _FirstThen:

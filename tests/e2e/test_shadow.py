@@ -185,6 +185,8 @@ def test_production_answers_the_same_whatever_the_challenger_and_status_tells(se
     st = _wait_shadow(server, "scoring", "2")
     assert st["state"] == "ok" and st["shadow"]["state"] == "scoring"
     assert _answers(server, ids) == alone
+    told = httpx.post(f"{server}/predict", json={"task": "What is the system status?"}).json()
+    assert "Challenger v2 in shadow: scoring" in told["answer"]
     scored = _wait_rows(db, ids, "2")
     assert {r["outcome"] for r in scored.values()} == {"scored"}
     assert all(0 <= r["p"] <= 1 for r in scored.values())
@@ -357,3 +359,16 @@ def test_a_run_with_promote_via_shadow_puts_its_model_on_the_challenger(server, 
     assert state.name == "Skipped", state.message
     assert registry.challenger().version == version and registry.champion().version == "1"
     _set(env["uri"], None)
+
+
+def test_with_promote_via_shadow_a_first_model_still_goes_to_production(env, monkeypatch):
+    """Nothing serves yet, so nothing could score it in shadow: it serves at once."""
+    from flows.pipeline import train as train_flow
+
+    first = f"{MODEL}-first"
+    monkeypatch.setenv("VALIFI_MODEL_NAME", first)
+    monkeypatch.setenv("VALIFI_GATE_PROMOTE_VIA", "shadow")
+    state = train_flow(return_state=True)
+    assert state.name == "Completed" and "promoted v1" in state.message, state.message
+    registry = Registry(env["uri"], first)
+    assert registry.champion().version == "1" and registry.challenger() is None
