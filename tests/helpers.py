@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from core.processes import stop_group as stop_server
 from model.synthetic import World, write_snapshot
@@ -114,7 +115,8 @@ def module_settings(server_url: str, db_name: str, values: dict[str, str]):
     with conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         cur.execute(f'CREATE DATABASE "{db_name}"')
-    values = {"DATABASE_URL": server_url.rsplit("/", 1)[0] + f"/{db_name}", **values}
+    parts = urlsplit(server_url)  # (a socket URL keeps its host in the query)
+    values = {"DATABASE_URL": urlunsplit(parts._replace(path=f"/{db_name}")), **values}
     try:
         with pytest.MonkeyPatch.context() as mp:
             for k, v in values.items():

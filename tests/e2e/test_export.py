@@ -9,6 +9,7 @@ import threading
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 import psycopg2
@@ -360,7 +361,7 @@ def _messy_rows(url: str, layout: str, until: datetime) -> None:
     """Rows as applications write them, in a database whose TimeZone is Asia/Tokyo and
     whose DateStyle is not ISO: NULL-looking bot and data-type names, and rows just
     inside and just outside the window's ends."""
-    db = url.rsplit("/", 1)[1]
+    db = urlsplit(url).path.lstrip("/")  # (a socket URL keeps its host in the query)
     _execute(url, f"ALTER DATABASE \"{db}\" SET TimeZone = 'Asia/Tokyo'")
     _execute(url, f"ALTER DATABASE \"{db}\" SET DateStyle = 'SQL, DMY'")
     since = until - timedelta(days=3)
