@@ -240,8 +240,7 @@ def record_reward(conn, decision_id: str, reward: float, at: datetime, source: s
 def window(conn, since: datetime, until: datetime) -> list[dict]:
     """The decisions made in [since, until), oldest first, with their rewards."""
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (TABLE,))
-        if cur.fetchone()[0] is None:
+        if not _exist(cur, TABLE):
             return []
         cur.execute(
             f"SELECT id, created_at, bot, data_type, input::text, candidates::text, "
@@ -254,12 +253,17 @@ def window(conn, since: datetime, until: datetime) -> list[dict]:
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
+def _exist(cur, *tables: str) -> bool:
+    """Whether every one of these tables exists (a log nobody has written to yet)."""
+    cur.execute("SELECT " + ", ".join(["to_regclass(%s)"] * len(tables)), tables)
+    return None not in cur.fetchone()
+
+
 def shadow_window(conn, version: str, since: datetime, until: datetime) -> list[dict]:
     """The shadow's rows for Challenger `version` made in [since, until), oldest first,
     each with its decision's logged probability, action, ranking, reward and time."""
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s), to_regclass(%s)", (SHADOW_TABLE, TABLE))
-        if None in cur.fetchone():
+        if not _exist(cur, SHADOW_TABLE, TABLE):
             return []
         cur.execute(
             f"SELECT s.decision_id, s.created_at, s.bot, s.production_version, s.outcome, "
@@ -279,8 +283,7 @@ def unshadowed_times(conn, version: str, since: datetime, until: datetime) -> li
     """Production's time per decision (ms) in [since, until) for the decisions the shadow
     of `version` did not score: the cost's baseline."""
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s), to_regclass(%s)", (SHADOW_TABLE, TABLE))
-        if None in cur.fetchone():
+        if not _exist(cur, SHADOW_TABLE, TABLE):
             return []
         cur.execute(
             f"SELECT d.decide_ms FROM {TABLE} d WHERE d.created_at >= %s AND d.created_at < %s "

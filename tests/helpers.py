@@ -126,3 +126,18 @@ def module_settings(server_url: str, db_name: str, values: dict[str, str]):
         with conn.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         conn.close()
+
+
+def run_summary(state) -> str:
+    """The markdown summary a `train` flow run published (its `train-summary` artifact)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    run = state.state_details.flow_run_id
+    (art,) = [a for a in asyncio.run(go()) if a.flow_run_id == run and a.key == "train-summary"]
+    return art.data

@@ -46,12 +46,14 @@ def _main(debug: Annotated[bool, typer.Option(help="show tracebacks")] = False) 
     _debug["on"] = debug
 
 
-def command(name: str | None = None, **kw):
-    """`app.command`, for a function that returns its exit status: an exception ends the
-    command with its message instead of a traceback (`--debug` shows it)."""
+def command(name: str | None = None, group: typer.Typer | None = None, **kw):
+    """`app.command` (or `group.command`, for a subcommand), for a function that returns
+    its exit status: an exception ends the command with its message instead of a
+    traceback (`--debug` shows it)."""
 
     def register(fn):
         shown = name or fn.__name__
+        said = f"{group.info.name} {shown}" if group is not None else shown
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
@@ -62,12 +64,12 @@ def command(name: str | None = None, **kw):
             except Exception as exc:
                 if _debug["on"]:
                     raise
-                print(f"valifi {shown}: error: {exc}", file=sys.stderr)
+                print(f"valifi {said}: error: {exc}", file=sys.stderr)
                 raise typer.Exit(1) from None
             if code:
                 raise typer.Exit(code)
 
-        return app.command(shown, **kw)(run)
+        return (group or app).command(shown, **kw)(run)
 
     return register
 
@@ -400,51 +402,44 @@ def _promote_from_shadow(settings: Settings, registry) -> int:
 
 
 shadow_app = typer.Typer(
+    name="shadow",
     help="The Challenger scored in shadow on live traffic: start, stop, report.",
     no_args_is_help=True,
 )
-app.add_typer(shadow_app, name="shadow")
+app.add_typer(shadow_app)
 
 
-@shadow_app.command("start")
-def shadow_start(
-    version: str,
-    reason: ReasonOption,
-    expect: ExpectOption = None,
-) -> None:
+@command("start", shadow_app)
+def shadow_start(version: str, reason: ReasonOption, expect: ExpectOption = None) -> int:
     """Set the Challenger alias to a version (after a load check): the agent server
     scores it in shadow from its next poll."""
     from core.settings import CHALLENGER
 
-    def run() -> int:
-        registry = _registry(_settings())
-        record = registry.promote(
-            version, reason, action="shadow", alias=CHALLENGER, **_expect(expect)
-        )
-        print(f"{CHALLENGER}: v{record['from']} -> v{record['to']} ({record['why']})")
-        return 0
-
-    _guarded("shadow start", run)
+    registry = _registry(_settings())
+    record = registry.promote(version, reason, action="shadow", alias=CHALLENGER, **_expect(expect))
+    print(f"{CHALLENGER}: v{record['from']} -> v{record['to']} ({record['why']})")
+    return 0
 
 
-@shadow_app.command("stop")
-def shadow_stop(reason: ReasonOption, expect: ExpectOption = None) -> None:
+@command("stop", shadow_app)
+def shadow_stop(reason: ReasonOption, expect: ExpectOption = None) -> int:
     """Remove the Challenger alias: the shadow stops."""
     from core.settings import CHALLENGER
 
-    def run() -> int:
-        record = _registry(_settings()).clear(CHALLENGER, reason, **_expect(expect))
-        print(
-            f"{CHALLENGER} removed (was v{record['from']})"
-            if record
-            else f"no {CHALLENGER} was set"
-        )
-        return 0
-
-    _guarded("shadow stop", run)
+    record = _registry(_settings()).clear(CHALLENGER, reason, **_expect(expect))
+    print(f"{CHALLENGER} removed (was v{record['from']})" if record else f"no {CHALLENGER} was set")
+    return 0
 
 
-@shadow_app.command("report")
+def _when(text: str | None) -> datetime | None:
+    """An ISO time from the command line; without a zone, UTC."""
+    if text is None:
+        return None
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+@command("report", shadow_app)
 def shadow_report(
     version: Annotated[
         str | None, typer.Option(help="the Challenger version (default: the alias's)")
@@ -454,7 +449,7 @@ def shadow_report(
     ] = None,
     until: Annotated[str | None, typer.Option(help="until (ISO, UTC; default: now)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="the figures as JSON")] = False,
-) -> None:
+) -> int:
     """What the Challenger would have done on the live decisions, and whether it would
     have earned more: counts, agreement, IPS/SNIPS/DR against Production, cost."""
     import json
@@ -462,45 +457,21 @@ def shadow_report(
     from flows.shadow import judge, render, report
     from valifi import stack as local
 
-    def when(text: str | None):
-        if text is None:
-            return None
-        t = datetime.fromisoformat(text)
-        return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-    def run() -> int:
-        settings = _settings()
-        rep = report(
-            local.database_url(settings),
-            _registry(settings),
-            settings.gate,
-            version,
-            when(since),
-            when(until),
-        )
-        verdict = judge(rep, settings.gate)
-        if as_json:
-            print(json.dumps(rep | {"verdict": verdict.__dict__}, indent=2, default=str))
-        else:
-            print(render(rep, verdict))
-        return 0
-
-    _guarded("shadow report", run)
-
-
-def _guarded(name: str, run) -> None:
-    """Run a subcommand as `command` runs one: an error ends it with its message."""
-    try:
-        code = run()
-    except (typer.Exit, typer.Abort):
-        raise
-    except Exception as exc:
-        if _debug["on"]:
-            raise
-        print(f"valifi {name}: error: {exc}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    if code:
-        raise typer.Exit(code)
+    settings = _settings()
+    rep = report(
+        local.database_url(settings),
+        _registry(settings),
+        settings.gate,
+        version,
+        _when(since),
+        _when(until),
+    )
+    verdict = judge(rep, settings.gate)
+    if as_json:
+        print(json.dumps(rep | {"verdict": verdict.__dict__}, indent=2, default=str))
+    else:
+        print(render(rep, verdict))
+    return 0
 
 
 @command()

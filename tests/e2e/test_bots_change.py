@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from model.synthetic import World
-from tests.helpers import free_port, module_settings, start_server, stop_server, valifi
+from tests.helpers import free_port, module_settings, run_summary, start_server, stop_server, valifi
 from valifi.seed import seed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -49,18 +49,6 @@ def _run():
     return train(return_state=True)
 
 
-def _summary(state) -> str:
-    from prefect.client.orchestration import get_client
-
-    async def go():
-        async with get_client() as client:
-            return await client.read_artifacts()
-
-    run = state.state_details.flow_run_id
-    (art,) = [a for a in asyncio.run(go()) if a.flow_run_id == run and a.key == "train-summary"]
-    return art.data
-
-
 def _production() -> str | None:
     from core.registry import Registry
 
@@ -78,7 +66,7 @@ def test_a_champion_of_three_bots(env):
     seed(env["DATABASE_URL"], 2000, world=World(seed=1, only=OLD_BOTS), end=NOW, days=6)
     state = _run()
     assert state.is_completed() and state.message.startswith("promoted v1"), state.message
-    assert "first snapshot of this source: shares not compared" in _summary(state)
+    assert "first snapshot of this source: shares not compared" in run_summary(state)
 
 
 def test_a_new_bot_fails_the_share_check_naming_the_command_that_accepts_it(env, monkeypatch):
@@ -95,7 +83,7 @@ def test_a_new_bot_fails_the_share_check_naming_the_command_that_accepts_it(env,
     assert f"share of each bot on bot: observed '{NEW_BOT}' 0.0% -> 33.3%" in state.message
     first = _accept_command(state.message)
     FAILED_ON_SHARES.append(first)
-    assert "## Validation" in _summary(state) and "--accept" in _summary(state)
+    assert "## Validation" in run_summary(state) and "--accept" in run_summary(state)
     # nobody accepts: the next run (waiting for an acceptance in the Prefect UI) fails too
     monkeypatch.setenv("VALIFI_VALIDATION_APPROVAL_WAIT_S", "2")
     again = _run()
@@ -115,7 +103,7 @@ def test_once_accepted_the_next_run_trains_and_judges_the_new_bot_apart(env):
 
     state = _run()
     assert state.is_completed(), state.message
-    summary = _summary(state)
+    summary = run_summary(state)
     assert "its new mix accepted by" in summary and "onboarding bot went live" in summary
     assert "holdout rows judged by the challenger alone" in summary
     assert f"the champion does not know {NEW_BOT} (" in summary

@@ -27,6 +27,7 @@ from tests.helpers import (
     free_port,
     module_settings,
     register_small,
+    run_summary,
     start_server,
     stop_server,
     train_small,
@@ -358,24 +359,10 @@ def test_a_run_with_promote_via_shadow_puts_its_model_on_the_challenger(server, 
     state = train_flow(return_state=True)
     assert state.name == "Skipped", state.message
     assert registry.challenger().version == version and registry.champion().version == "1"
-    summary = _summary(state)  # the run summary's section on the Challenger
+    summary = run_summary(state)  # the run summary's section on the Challenger
     assert f"## Shadow\nChallenger v{version} in shadow beside Production v1" in summary
     assert "**wait**: no decision scored in shadow has a reward yet" in summary
     _set(env["uri"], None)
-
-
-def _summary(state) -> str:
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-
-    async def go():
-        async with get_client() as client:
-            return await client.read_artifacts()
-
-    run = state.state_details.flow_run_id
-    (art,) = [a for a in asyncio.run(go()) if a.flow_run_id == run and a.key == "train-summary"]
-    return art.data
 
 
 def test_with_promote_via_shadow_a_first_model_still_goes_to_production(env, monkeypatch):
