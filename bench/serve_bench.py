@@ -347,6 +347,14 @@ NAMES = (
 )
 
 
+def _cost(what: str, with_it: dict, without: dict) -> None:
+    """What one feature costs, from the same server's cells with it and without."""
+    print(
+        f"{'':<14}{what} {1 - with_it['rps'] / without['rps']:+.1%} of the throughput, p99 "
+        f"{with_it['p99'] / without['p99'] - 1:+.1%} (target: within 10%)"
+    )
+
+
 def report(table: dict, concurrency: list[int]) -> bool:
     cells = {k: combine(v) for k, v in table.items()}
     print(
@@ -385,20 +393,10 @@ def report(table: dict, concurrency: list[int]) -> bool:
                     f"{'':<14}targets (>= 2.5x the better mlflow at p99 <= its, >= 0.8x no-op): "
                     f"{'met' if ok else 'NOT met'}"
                 )
-            off = cells.get((mix, c, OFF))
-            if off:
-                print(
-                    f"{'':<14}the decision log and exploration cost "
-                    f"{1 - ours['rps'] / off['rps']:+.1%} of the throughput, p99 "
-                    f"{ours['p99'] / off['p99'] - 1:+.1%} (target: within 10%)"
-                )
-            shadow = cells.get((mix, c, SHADOW))
-            if shadow:
-                print(
-                    f"{'':<14}the shadow (share 1.0) costs "
-                    f"{1 - shadow['rps'] / ours['rps']:+.1%} of the throughput, p99 "
-                    f"{shadow['p99'] / ours['p99'] - 1:+.1%} (target: within 10%)"
-                )
+            if off := cells.get((mix, c, OFF)):
+                _cost("the decision log and exploration cost", ours, off)
+            if shadow := cells.get((mix, c, SHADOW)):
+                _cost("the shadow (share 1.0) costs", shadow, ours)
                 met &= shadow["failed"] == 0
             met &= ours["failed"] == 0
     print(

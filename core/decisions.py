@@ -237,58 +237,57 @@ def record_reward(conn, decision_id: str, reward: float, at: datetime, source: s
     return Recorded(stored, when, by, new=False)
 
 
-def window(conn, since: datetime, until: datetime) -> list[dict]:
-    """The decisions made in [since, until), oldest first, with their rewards."""
+def _select(conn, tables: tuple[str, ...], sql: str, params: tuple) -> list[dict]:
+    """The rows of `sql` as dicts; none when one of `tables` does not exist yet (a log
+    nobody has written to)."""
     with conn.cursor() as cur:
-        if not _exist(cur, TABLE):
+        cur.execute("SELECT " + ", ".join(["to_regclass(%s)"] * len(tables)), tables)
+        if None in cur.fetchone():
             return []
-        cur.execute(
-            f"SELECT id, created_at, bot, data_type, input::text, candidates::text, "
-            f"action::text, probability, model_version, exploration::text, reward, "
-            f"reward_at, reward_source FROM {TABLE} "
-            "WHERE created_at >= %s AND created_at < %s ORDER BY created_at, id",
-            (since, until),
-        )
+        cur.execute(sql, params)
         names = [d.name for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
-def _exist(cur, *tables: str) -> bool:
-    """Whether every one of these tables exists (a log nobody has written to yet)."""
-    cur.execute("SELECT " + ", ".join(["to_regclass(%s)"] * len(tables)), tables)
-    return None not in cur.fetchone()
+def window(conn, since: datetime, until: datetime) -> list[dict]:
+    """The decisions made in [since, until), oldest first, with their rewards."""
+    return _select(
+        conn,
+        (TABLE,),
+        f"SELECT id, created_at, bot, data_type, input::text, candidates::text, "
+        f"action::text, probability, model_version, exploration::text, reward, "
+        f"reward_at, reward_source FROM {TABLE} "
+        "WHERE created_at >= %s AND created_at < %s ORDER BY created_at, id",
+        (since, until),
+    )
 
 
 def shadow_window(conn, version: str, since: datetime, until: datetime) -> list[dict]:
     """The shadow's rows for Challenger `version` made in [since, until), oldest first,
     each with its decision's logged probability, action, ranking, reward and time."""
-    with conn.cursor() as cur:
-        if not _exist(cur, SHADOW_TABLE, TABLE):
-            return []
-        cur.execute(
-            f"SELECT s.decision_id, s.created_at, s.bot, s.production_version, s.outcome, "
-            f"s.reason, s.agrees, s.logged_probability, s.ranking::text AS shadow_ranking, "
-            f"s.scoring_ms, d.probability, d.action::text AS action, "
-            f"d.ranking::text AS ranking, d.reward, d.decide_ms "
-            f"FROM {SHADOW_TABLE} s LEFT JOIN {TABLE} d ON d.id = s.decision_id "
-            "WHERE s.challenger_version = %s AND s.created_at >= %s AND s.created_at < %s "
-            "ORDER BY s.created_at, s.decision_id",
-            (version, since, until),
-        )
-        names = [d.name for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    return _select(
+        conn,
+        (SHADOW_TABLE, TABLE),
+        f"SELECT s.decision_id, s.created_at, s.bot, s.production_version, s.outcome, "
+        f"s.reason, s.agrees, s.logged_probability, s.ranking::text AS shadow_ranking, "
+        f"s.scoring_ms, d.probability, d.action::text AS action, "
+        f"d.ranking::text AS ranking, d.reward, d.decide_ms "
+        f"FROM {SHADOW_TABLE} s LEFT JOIN {TABLE} d ON d.id = s.decision_id "
+        "WHERE s.challenger_version = %s AND s.created_at >= %s AND s.created_at < %s "
+        "ORDER BY s.created_at, s.decision_id",
+        (version, since, until),
+    )
 
 
 def unshadowed_times(conn, version: str, since: datetime, until: datetime) -> list[float]:
     """Production's time per decision (ms) in [since, until) for the decisions the shadow
     of `version` did not score: the cost's baseline."""
-    with conn.cursor() as cur:
-        if not _exist(cur, SHADOW_TABLE, TABLE):
-            return []
-        cur.execute(
-            f"SELECT d.decide_ms FROM {TABLE} d WHERE d.created_at >= %s AND d.created_at < %s "
-            f"AND d.decide_ms IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {SHADOW_TABLE} s "
-            "WHERE s.decision_id = d.id AND s.challenger_version = %s AND s.outcome = 'scored')",
-            (since, until, version),
-        )
-        return [r[0] for r in cur.fetchall()]
+    rows = _select(
+        conn,
+        (SHADOW_TABLE, TABLE),
+        f"SELECT d.decide_ms FROM {TABLE} d WHERE d.created_at >= %s AND d.created_at < %s "
+        f"AND d.decide_ms IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {SHADOW_TABLE} s "
+        "WHERE s.decision_id = d.id AND s.challenger_version = %s AND s.outcome = 'scored')",
+        (since, until, version),
+    )
+    return [r["decide_ms"] for r in rows]

@@ -248,15 +248,22 @@ def promote_from_shadow(
         expected=rep["production"],
         move_id=f"{move_id}:production" if move_id else None,
     )
-    with contextlib.suppress(AliasMoved):  # someone set another Challenger meanwhile
-        registry.clear(
+    _take_off(registry, version, f"v{version} promoted to {ALIAS}", by, move_id, "clear")
+    return verdict, rep, move
+
+
+def _take_off(registry: Registry, version: str, why: str, by: str, move_id, step: str):
+    """Remove the Challenger alias if it still holds `version` (audited); None when
+    someone set another Challenger meanwhile (theirs stays)."""
+    with contextlib.suppress(AliasMoved):
+        return registry.clear(
             CHALLENGER,
-            f"v{version} promoted to {ALIAS}",
+            why,
             by,
             expected=version,
-            move_id=f"{move_id}:clear" if move_id else None,
+            move_id=f"{move_id}:{step}" if move_id else None,
         )
-    return verdict, rep, move
+    return None
 
 
 def settle(
@@ -278,14 +285,8 @@ def settle(
             f"{verdict.reason}; not shown non-inferior within {spec.shadow_max_days:g} days",
         )
     if verdict.outcome == REJECT:
-        with contextlib.suppress(AliasMoved):
-            cleared = registry.clear(
-                CHALLENGER,
-                f"taken off the shadow: {verdict.reason}",
-                by,
-                expected=rep["version"],
-                move_id=f"{move_id}:reject" if move_id else None,
-            )
+        why = f"taken off the shadow: {verdict.reason}"
+        cleared = _take_off(registry, rep["version"], why, by, move_id, "reject")
     return {
         "version": rep["version"],
         "verdict": verdict.outcome,

@@ -89,7 +89,7 @@ def decide(
     UnknownAgent when a query names no candidates for an agent the model does not know."""
     exploration = exploration or Exploration()
     for q in queries:
-        if not q.candidates and not model.knows(q.agent):
+        if not _rankable(model, q):
             raise UnknownAgent(f"unknown agent {q.agent!r}; known: {', '.join(model.bots)}")
     ranked = model.rank_many(
         [(q.agent, q.document, q.candidates) for q in queries], [q.data_type for q in queries]
@@ -101,6 +101,11 @@ def decide(
         _decision(q, r, exploration, version, dt)
         for q, r, dt in zip(queries, ranked, data_types, strict=True)
     ]
+
+
+def _rankable(model: AgentModel, q: Query) -> bool:
+    """Whether `model` can rank `q`'s candidates: given in the request, or its bot's bank."""
+    return bool(q.candidates) or model.knows(q.agent)
 
 
 def _decision(q: Query, ranked: list[Ranked], ex: Exploration, version, data_type) -> Decision:
@@ -132,19 +137,25 @@ def _decision(q: Query, ranked: list[Ranked], ex: Exploration, version, data_typ
         "probability": float(probs[k]),
         "explored": k != 0,
         # unrounded: the probabilities are recomputed from these
-        "ranking": [
-            {
-                "action": r.action,
-                "expected_reward": r.score,
-                "lower_bound": r.lower,
-                "probability": float(p),
-            }
-            for r, p in zip(ranked, probs, strict=True)
-        ],
+        "ranking": ranking_record(ranked, probs),
         "model_version": version,
         "exploration": asdict(ex),
     }
     return Decision(answer, record)
+
+
+def ranking_record(ranked: list[Ranked], probs) -> list[dict]:
+    """A ranking as the logs keep it: each candidate's action, expected reward, lower
+    bound and probability, unrounded."""
+    return [
+        {
+            "action": r.action,
+            "expected_reward": r.score,
+            "lower_bound": r.lower,
+            "probability": float(p),
+        }
+        for r, p in zip(ranked, probs, strict=True)
+    ]
 
 
 def _sentence(agent: str, chosen: Ranked, rest: list[Ranked], explored: bool) -> str:
@@ -179,6 +190,19 @@ def replay(record: dict) -> tuple[list[float], int]:
     return [float(p) for p in probs], draw(record["id"], probs)
 
 
+def shadow_record(q: Query, served: Decision, version: str, outcome: str, **fields) -> dict:
+    """One row of the Challenger's view (`agent_shadow`) of a decision Production made."""
+    return {
+        "decision_id": q.decision_id,
+        "challenger_version": version,
+        "created_at": datetime.now(UTC).isoformat(),
+        "bot": q.agent,
+        "production_version": served.record["model_version"],
+        "outcome": outcome,
+        **fields,
+    }
+
+
 def shadow(
     model: AgentModel,
     queries: list[Query],
@@ -192,10 +216,8 @@ def shadow(
     whether that is Production's first, and the probability it gives the action
     Production served (0 when it would never choose it). A query for an agent the
     Challenger does not know is an `error` record of its own; the rest are `scored`."""
-    from model.features import canonical_json
-
     exploration = exploration or Exploration()
-    known = [q.candidates is not None or model.knows(q.agent) for q in queries]
+    known = [_rankable(model, q) for q in queries]
     taken = [q for q, k in zip(queries, known, strict=True) if k]
     ranked = iter(
         model.rank_many(
@@ -206,39 +228,29 @@ def shadow(
     )
     out = []
     for q, d, k in zip(queries, served, known, strict=True):
-        base = {
-            "decision_id": q.decision_id,
-            "challenger_version": version,
-            "created_at": datetime.now(UTC).isoformat(),
-            "bot": q.agent,
-            "production_version": d.record["model_version"],
-        }
         if not k:
             reason = f"unknown agent {q.agent!r} for the Challenger"
-            out.append(base | {"outcome": "error", "reason": reason})
-            continue
-        ranking = next(ranked)
-        probs = exploration.probabilities([r.lower for r in ranking])
-        keys = [canonical_json(r.action) for r in ranking]
-        logged = canonical_json(d.record["action"])
-        first = d.record["ranking"][0]["action"]
-        out.append(
-            base
-            | {
-                "outcome": "scored",
-                "action": ranking[draw(q.decision_id, probs)].action,
-                "first": ranking[0].action,
-                "agrees": keys[0] == canonical_json(first),
-                "logged_probability": float(probs[keys.index(logged)]) if logged in keys else 0.0,
-                "ranking": [
-                    {
-                        "action": r.action,
-                        "expected_reward": r.score,
-                        "lower_bound": r.lower,
-                        "probability": float(p),
-                    }
-                    for r, p in zip(ranking, probs, strict=True)
-                ],
-            }
-        )
+            out.append(shadow_record(q, d, version, "error", reason=reason))
+        else:
+            out.append(_scored_view(q, d, version, next(ranked), exploration))
     return out
+
+
+def _scored_view(q: Query, d: Decision, version, ranking: list[Ranked], ex: Exploration) -> dict:
+    from model.features import canonical_json
+
+    probs = ex.probabilities([r.lower for r in ranking])
+    keys = [canonical_json(r.action) for r in ranking]
+    logged = canonical_json(d.record["action"])
+    first = canonical_json(d.record["ranking"][0]["action"])
+    return shadow_record(
+        q,
+        d,
+        version,
+        "scored",
+        action=ranking[draw(q.decision_id, probs)].action,
+        first=ranking[0].action,
+        agrees=keys[0] == first,
+        logged_probability=float(probs[keys.index(logged)]) if logged in keys else 0.0,
+        ranking=ranking_record(ranking, probs),
+    )

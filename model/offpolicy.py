@@ -204,6 +204,21 @@ def conditioning(est: dict, min_ess: float) -> str | None:
     return None
 
 
+def _snips_diff_ci(w, r, n_boot: int, alpha: float, seed: int) -> list[float]:
+    """Percentile bootstrap interval of SNIPS(w, r) minus the mean reward (a ratio: each
+    resample recomputes both)."""
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(r), len(r))
+        boot.append(_snips(w[i], r[i]) - float(r[i].mean()))
+    boot = np.asarray(boot)
+    boot = boot[np.isfinite(boot)]
+    if not len(boot):
+        return [float("nan")] * 2
+    return [float(v) for v in np.quantile(boot, [alpha / 2, 1 - alpha / 2])]
+
+
 def live_estimates(
     reward,
     logged_probability,
@@ -248,21 +263,12 @@ def live_estimates(
             "diff": mean,
             "ci": [lo, hi],
         }
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(r), len(r))
-        boot.append(_snips(w[i], r[i]) - float(r[i].mean()))
-    boot = np.asarray(boot)
-    boot = boot[np.isfinite(boot)]
     snips = _snips(w, r)
     out["snips"] = {
         "challenger": snips,
         "production": float(r.mean()),
         "diff": snips - float(r.mean()),
-        "ci": [float(v) for v in np.quantile(boot, [alpha / 2, 1 - alpha / 2])]
-        if len(boot)
-        else [float("nan")] * 2,
+        "ci": _snips_diff_ci(w, r, **kw),
     }
     out["ess"] = float(w.sum() ** 2 / (w * w).sum()) if (w * w).sum() > 0 else 0.0
     out["reward_std"] = float(r.std())

@@ -25,9 +25,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 
-from model.decision import Decision, Query, shadow
+from model.decision import Decision, Query, shadow, shadow_record
 from serving.decision_log import DecisionLog
 from serving.follower import AliasFollower
 
@@ -148,22 +147,8 @@ class Shadow:
 
     # -- records of what was not scored --
     def _unscored(self, taken: list[tuple[Query, Decision]], version, outcome, reason) -> None:
-        now = datetime.now(UTC).isoformat()
         self.counts[outcome] += len(taken)
-        self.log.put(
-            [
-                {
-                    "decision_id": q.decision_id,
-                    "challenger_version": version,
-                    "created_at": now,
-                    "bot": q.agent,
-                    "production_version": d.record["model_version"],
-                    "outcome": outcome,
-                    "reason": reason,
-                }
-                for q, d in taken
-            ]
-        )
+        self.log.put([shadow_record(q, d, version, outcome, reason=reason) for q, d in taken])
 
     def _missing_reason(self, alias: str) -> str:
         last = self.follower.status.last_outcome or {}

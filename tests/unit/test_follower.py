@@ -4,6 +4,8 @@ import json
 import os
 import time
 
+import pytest
+
 from core.registry import Version
 from serving.follower import AliasFollower
 
@@ -80,15 +82,23 @@ def test_a_verified_bad_version_is_refused_until_the_alias_moves(tmp_path):
     assert [v.run_id for v in src.fetches] == ["run-a", "run-b"]
 
 
-def test_moving_the_alias_back_swaps_at_once_without_a_reload(tmp_path, monkeypatch):
-    class Loaded:  # stands in for a loaded, checked model
-        def __init__(self, folder):
-            self.folder = folder
+class Loaded:
+    """Stands in for a model loaded from `folder` and checked."""
 
-        def to(self, device):
-            return self
+    def __init__(self, folder):
+        self.folder = folder
 
+    def to(self, device):
+        return self
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Every artifact loads (as a stand-in)."""
     monkeypatch.setattr("serving.follower.load", lambda folder, verify: Loaded(folder))
+
+
+def test_moving_the_alias_back_swaps_at_once_without_a_reload(tmp_path, loads):
     src = Source(Version("1", "run-1"), lambda v: tmp_path / v.cache_key)
     w = AliasFollower(src.resolve, src.fetch, poll_s=60)
     w.sync_once()
@@ -111,12 +121,7 @@ def test_versions_are_cached_by_version_and_run():
     assert Version("1", "abc", "models:/x") == Version("1", "abc", "")  # source is no identity
 
 
-def test_the_challengers_follower_drops_its_model_when_the_alias_is_removed(tmp_path, monkeypatch):
-    class Loaded:
-        def to(self, device):
-            return self
-
-    monkeypatch.setattr("serving.follower.load", lambda folder, verify: Loaded())
+def test_the_challengers_follower_drops_its_model_when_the_alias_is_removed(tmp_path, loads):
     src = Source(Version("4", "run-4"), lambda v: tmp_path / v.cache_key)
     challenger = AliasFollower(src.resolve, src.fetch, poll_s=60, drop_when_cleared=True)
     production = AliasFollower(src.resolve, src.fetch, poll_s=60)
@@ -129,12 +134,7 @@ def test_the_challengers_follower_drops_its_model_when_the_alias_is_removed(tmp_
     assert production.served.version == "4"  # Production keeps serving
 
 
-def test_production_borrows_the_challengers_model_when_it_moves_there(tmp_path, monkeypatch):
-    class Loaded:
-        def to(self, device):
-            return self
-
-    monkeypatch.setattr("serving.follower.load", lambda folder, verify: Loaded())
+def test_production_borrows_the_challengers_model_when_it_moves_there(tmp_path, loads):
     shadow_src = Source(Version("5", "run-5"), lambda v: tmp_path / v.cache_key)
     challenger = AliasFollower(shadow_src.resolve, shadow_src.fetch, poll_s=60)
     challenger.sync_once()
