@@ -236,6 +236,14 @@ class _ServeSpecBase(BaseModel):
     request_timeout_s: float = 30.0
     max_payload_bytes: int = 64 * 1024
     api_key: str | None = None  # when set, /predict needs header X-API-Key
+    # a line per request in the server's log (uvicorn's access log); turning it off
+    # made no difference the serving bench could measure (every request is counted in
+    # /metrics either way)
+    access_log: bool = True
+    # how requests and answers cross between the HTTP process and the workers:
+    # "pipes" (serving.transport: a pipe each way, no manager process in the path) or
+    # "litserve" (LitServe's own Manager queues, as shipped)
+    transport: Literal["pipes", "litserve"] = "pipes"
     # Every execute decision is logged to the database (`agent_decisions`) by each
     # worker in the background: batches of up to `log_batch`, at least every
     # `log_flush_s`; while the database is unreachable they go to files under

@@ -38,6 +38,7 @@ from serving.requests import PredictRequest, RewardRequest
 from serving.rewards import Rewards
 from serving.shadow import Shadow
 from serving.status import STATUS_DIR_ENV, worker_status
+from serving.transport import AgentServer
 
 log = logging.getLogger("valifi.serving")
 
@@ -472,7 +473,7 @@ def build_server(settings: Settings, api_class: type[ls.LitAPI] = AgentAPI) -> l
     ]
     if serve.api_key:
         middlewares.append((ApiKeyMiddleware, {"key": serve.api_key}))
-    server = ls.LitServer(
+    server = AgentServer.with_transport(serve.transport)(
         api,
         accelerator="auto",  # a GPU when there is one
         workers_per_device=serve.workers,
@@ -525,4 +526,5 @@ def serve(settings: Settings, host: str, port: int, api_class: type[ls.LitAPI] =
         port=port,
         generate_client_file=False,
         num_api_servers=settings.serve.api_servers,
+        access_log=settings.serve.access_log,
     )
