@@ -201,7 +201,10 @@ def _recorded_process(settings: Settings, name: str) -> psutil.Process | None:
     record = json.loads(path.read_text())
     try:
         proc = psutil.Process(record["pid"])
-        same = abs(proc.create_time() - record["create_time"]) < 1.0
+        if "started_after_boot_s" in record:
+            same = abs(_started_after_boot(proc) - record["started_after_boot_s"]) < 1.0
+        else:  # a record written before that field (the wall clock since may have moved)
+            same = abs(proc.create_time() - record["create_time"]) < 1.0
         # an exited child nobody reaped yet is a zombie: as good as gone
         if same and proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
             return proc
@@ -243,10 +246,21 @@ def _start(settings: Settings, svc: Service) -> psutil.Process:
     )
     log.close()
     proc = psutil.Process(popen.pid)
-    _pidfile(settings, svc.name).write_text(
-        json.dumps({"pid": popen.pid, "create_time": proc.create_time(), "url": svc.url})
-    )
+    record = {
+        "pid": popen.pid,
+        "create_time": proc.create_time(),
+        "started_after_boot_s": _started_after_boot(proc),
+        "url": svc.url,
+    }
+    _pidfile(settings, svc.name).write_text(json.dumps(record))
     return proc
+
+
+def _started_after_boot(proc: psutil.Process) -> float:
+    """When `proc` started, in seconds after boot: what the kernel records, unmoved by a
+    step of the wall clock (psutil's create_time is boot time by the wall clock plus
+    this, so a clock step moves it, and a process we started looked like another's)."""
+    return proc.create_time() - psutil.boot_time()
 
 
 def _wait_healthy(settings: Settings, svc: Service, proc: psutil.Process) -> None:
