@@ -493,6 +493,74 @@ def _names(text: str) -> set[str]:
     return wanted
 
 
+def profile(name: str, url: str, pid: int, bodies: list[dict], seconds: float) -> None:
+    """Sample every process of a server with py-spy while 32 clients load it; print
+    where each kind of process spends its samples (the function on top of the stack,
+    and the share of samples under a few functions of interest)."""
+    import threading
+    from collections import Counter
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists() and not shutil.which("py-spy"):
+        print("\n(no profile: py-spy is not installed; pip install py-spy)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "stacks.txt"
+        cmd = [spy, "record", "--format", "raw", "--subprocesses", "--nonblocking"]
+        cmd += ["--rate", "200", "-d", str(round(seconds + 2)), "-o", str(out), "--pid", str(pid)]
+        recorder = threading.Thread(
+            target=subprocess.run, args=(cmd,), kwargs={"capture_output": True}
+        )
+        recorder.start()
+        time.sleep(1.0)
+        run_client(url, bodies, 32, seconds)
+        recorder.join()
+        lines = out.read_text().splitlines() if out.exists() else []
+    tops: dict[str, Counter] = {}
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        own = [f for f in frames if f.startswith("process ")][-1:] or ["process ?:"]
+        # the spawned inference workers together; the server, its forked HTTP process and
+        # LitServe's queue manager (the same command line) each by its pid
+        role = "inference workers" if "spawn_main" in own[0] else own[0].split(":")[0]
+        tops.setdefault(role, Counter())[_frame(frames[-1])] += int(count)
+        for key in INTERESTING:
+            if key in stack:
+                tops[role][f"  under {key}"] += int(count)
+    print(f"\nwhere {name} spends its CPU under 32 clients (py-spy samples, all threads):")
+    for role, counts in sorted(tops.items()):
+        total = sum(v for k, v in counts.items() if not k.startswith("  under"))
+        print(f"  {role}: {total} samples")
+        for key, v in sorted(counts.items(), key=lambda kv: -kv[1])[:18]:
+            print(f"    {100 * v / max(1, total):5.1f}%  {key}")
+
+
+# functions whose share (everything below them) the profile prints
+INTERESTING = (
+    "decide ",
+    "rank_many",
+    "_score ",
+    "forward ",
+    "put_response",
+    "collate_requests",
+    "DecisionLog",
+    "write_status",
+    "jsonable_encoder",
+    "PredictMetricsMiddleware",
+    "serialize_response",
+    "solve_dependencies",
+    "feeder",
+    "valifi-answers",
+)
+
+
+def _frame(frame: str) -> str:
+    """'function (path/file.py:line)' as 'function (file.py)'."""
+    fn, _, where = frame.partition(" (")
+    return f"{fn} ({Path(where.split(':')[0]).name})" if where else fn
+
+
 def print_shadow(predict_url: str) -> None:
     """What the shadow scored under the load, from the server's /status."""
     import httpx
@@ -509,6 +577,11 @@ def main() -> int:
     p.add_argument("--mixes", default="execute,mixed", help="request mixes, comma-separated")
     p.add_argument("--workers", type=int, default=2, help="mlflow workers (ours: its default)")
     p.add_argument("--worst-only", action="store_true", help="only the requests at the limits")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="last, where ours and the no-op spend their CPU under 32 clients (py-spy)",
+    )
     p.add_argument(
         "--only",
         help="these servers alone, comma-separated (e.g. 'valifi serve,valifi serve, shadow "
@@ -567,6 +640,10 @@ def run(args, data: Path, db_settings, procs: dict) -> int:
                 if SHADOW in started:
                     print_shadow(started[SHADOW][2])
             measure_worst(started[ours][2], procs[ours].pid, execute[0], args.seconds)
+            if args.profile:
+                for name in (ours, "no-op LitServe"):
+                    if name in started:
+                        profile(name, started[name][2], procs[name].pid, execute, args.seconds)
             return 0
         finally:
             for proc in procs.values():
