@@ -28,7 +28,7 @@ Targets with the defaults on 2 cores, at 8 and 32 clients: >= 1.5x the better
 mlflow throughput at a p99 no higher than its, and >= 0.85x the no-op ceiling.
 
 `--only` with the names in STEPS also starts ours with one of its serving settings
-back as LitServe ships it, to measure what that setting gives side by side.
+changed, to measure what that setting gives side by side.
 """
 
 from __future__ import annotations
@@ -409,8 +409,8 @@ def combine(runs: list[dict]) -> dict:
 
 OFF = "valifi serve, no log, greedy"
 SHADOW = "valifi serve, shadow 1.0"
-# ours with one of the serving settings back as LitServe ships it: what each step
-# gives, side by side (measured only when named in --only)
+# ours with one serving setting changed (the queues back to LitServe's own; the
+# access log off): what each gives, side by side (measured only when named in --only)
 STEPS = {
     "valifi serve, LitServe queues": {"VALIFI_SERVE_TRANSPORT": "litserve"},
     "valifi serve, no access log": {"VALIFI_SERVE_ACCESS_LOG": "false"},
@@ -498,10 +498,9 @@ def profile(name: str, url: str, pid: int, bodies: list[dict], seconds: float) -
     where each kind of process spends its samples (the function on top of the stack,
     and the share of samples under a few functions of interest)."""
     import threading
-    from collections import Counter
 
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(spy).exists() and not shutil.which("py-spy"):
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=Path(sys.executable).parent)
+    if spy is None:
         print("\n(no profile: py-spy is not installed; pip install py-spy)")
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -516,6 +515,15 @@ def profile(name: str, url: str, pid: int, bodies: list[dict], seconds: float) -
         run_client(url, bodies, 32, seconds)
         recorder.join()
         lines = out.read_text().splitlines() if out.exists() else []
+    print(f"\nwhere {name} spends its CPU under 32 clients (py-spy samples, all threads):")
+    _print_profile(lines)
+
+
+def _print_profile(lines: list[str]) -> None:
+    """py-spy's raw stacks ('frame;frame;... count') by kind of process: the functions
+    on top of the stack, and the share of samples under each of INTERESTING."""
+    from collections import Counter
+
     tops: dict[str, Counter] = {}
     for line in lines:
         stack, _, count = line.rpartition(" ")
@@ -528,7 +536,6 @@ def profile(name: str, url: str, pid: int, bodies: list[dict], seconds: float) -
         for key in INTERESTING:
             if key in stack:
                 tops[role][f"  under {key}"] += int(count)
-    print(f"\nwhere {name} spends its CPU under 32 clients (py-spy samples, all threads):")
     for role, counts in sorted(tops.items()):
         total = sum(v for k, v in counts.items() if not k.startswith("  under"))
         print(f"  {role}: {total} samples")
@@ -550,8 +557,8 @@ INTERESTING = (
     "PredictMetricsMiddleware",
     "serialize_response",
     "solve_dependencies",
-    "feeder",
-    "valifi-answers",
+    "_feed (queues.py",  # the pipes' feeder threads (serving.transport)
+    "read (transport.py",  # the HTTP process's reader of answers
 )
 
 

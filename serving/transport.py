@@ -26,6 +26,7 @@ from queue import Empty
 from typing import Any
 
 import litserve as ls
+from litserve.server import no_auth
 from litserve.transport.base import MessageTransport
 
 # the inference workers are spawned (LitServe), so their queues come from that context
@@ -106,12 +107,10 @@ class AgentServer(ls.LitServer):
 
     pipes = True  # False: LitServe's own queues (VALIFI_SERVE_TRANSPORT=litserve)
 
-    @classmethod
-    def with_transport(cls, transport: str) -> type[AgentServer]:
+    @staticmethod
+    def with_transport(transport: str) -> type[AgentServer]:
         """The server class for the setting `transport` ('pipes' or 'litserve')."""
-        if transport == "pipes":
-            return cls
-        return type("LitServeQueuesServer", (cls,), {"pipes": False})
+        return AgentServer if transport == "pipes" else _LitServeQueuesServer
 
     def _init_manager(self, num_api_servers: int):
         manager = super()._init_manager(num_api_servers)  # status dict, shutdown event
@@ -125,4 +124,8 @@ class AgentServer(ls.LitServer):
 
     def setup_auth(self, lit_api: ls.LitAPI | None = None):
         auth = super().setup_auth(lit_api)
-        return _open if getattr(auth, "__name__", "") == "no_auth" else auth
+        return _open if auth is no_auth else auth
+
+
+class _LitServeQueuesServer(AgentServer):
+    pipes = False
