@@ -1,16 +1,22 @@
 """The value of the decisions: our model against what a practitioner would pick instead.
 
-    python3 scripts/bench.py policy_bench [--sizes 1000 10000 100000] [--seed 0] [--world hard]
-                                 [--members 1 3]
+    python3 scripts/bench.py policy_bench [--sizes 1000 10000 100000] [--seeds 0 1 2 3 4]
+                                 [--world hard] [--members 1 3] [--variant 'NAME=OPTIONS']
+                                 [--no-vw]
 
 Needs the development extras (`vowpalwabbit`, `lightgbm`). On the synthetic world
-(true rewards known), for each size: one snapshot, split by time as training splits
-it (the newest 20% is the holdout). Every learner trains on the rows before the
-holdout; each then picks one action per holdout context, and the table gives the
-true mean reward of those picks and the share of the behaviour→oracle gap closed:
+(true rewards known), for each size and seed: one snapshot drawn with that seed, split
+by time as training splits it (the newest 20% is the holdout). Every learner trains on
+the rows before the holdout; each then picks one action per holdout context, and the
+table gives the true mean reward of those picks and the share of the behaviour→oracle
+gap closed. With several seeds, a summary per size follows: each learner's mean over
+the seeds, its worst seed, and its worst seed against LightGBM's on the same log (the
+smallest difference of the gaps closed). At 1k rows the holdout has 200 contexts, so
+one seed is a noisy judge: compare over five.
 
 - ours: `python -m model.train` with its defaults (and with `--members 3 ...`, an
-  ensemble of that many networks, for each count given);
+  ensemble of that many networks, for each count given; with `--variant`, any other
+  options of the training, e.g. `--variant 'joint=--interaction joint'`);
 - Vowpal Wabbit's contextual bandit learner with action-dependent features
   (`--cb_adf --cb_type dr`, context × action interactions, 3 passes), costs = -reward,
   logged probabilities estimated by model/offpolicy.py's behaviour model;
@@ -132,10 +138,9 @@ class LightGBMPolicy:
         return [best[i][1] for i in range(len(rows))]
 
 
-def _ours(snap: Path, out: Path, seed: int, members: int):
-    extra = ["--members", str(members)] if members > 1 else []
+def _ours(snap: Path, out: Path, seed: int, args: list[str]):
     r = subprocess.run(
-        train_command(snap, out, seed, "--threads", "2", *extra),
+        train_command(snap, out, seed, "--threads", "2", *args),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -145,9 +150,23 @@ def _ours(snap: Path, out: Path, seed: int, members: int):
     return load(out / "artifact")
 
 
-def run(size: int, seed: int, root: Path, hard: bool = False, members=(1,)) -> dict:
+LIGHTGBM = "LightGBM direct method"
+BEHAVIOUR = "behaviour (logged)"
+
+
+def run(
+    size: int,
+    seed: int,
+    root: Path,
+    hard: bool = False,
+    variants: dict[str, list[str]] | None = None,
+    vw: bool = True,
+) -> dict:
+    """Every learner on one log of `size` rows drawn with `seed`: the true mean reward
+    of its choices on the holdout contexts, and its training seconds."""
+    variants = variants if variants is not None else {"ours": []}
     world = World(seed=seed, hard=hard)
-    snap = write_snapshot(root / f"snap-{size}", size, World(seed=seed, hard=hard))
+    snap = write_snapshot(root / f"snap-{size}-{seed}", size, World(seed=seed, hard=hard))
     cfg = TrainConfig()
     df = read_rows(snap)
     train_df, val_df, holdout = temporal_split(df, cfg.val_fraction, cfg.holdout_fraction)
@@ -174,21 +193,22 @@ def run(size: int, seed: int, root: Path, hard: bool = False, members=(1,)) -> d
 
     seconds: dict[str, float] = {}
     values: dict[str, float] = {}
-    for m in members:
-        name = "ours" if m == 1 else f"ours, {m} members"
+    for i, (name, args) in enumerate(variants.items()):
         t = time.perf_counter()
-        ours = _ours(snap, root / f"ours-{size}-{m}", seed, m)
+        ours = _ours(snap, root / f"ours-{size}-{seed}-{i}", seed, args)
         seconds[name] = time.perf_counter() - t
         values[name] = value(
             ours.choose([h[0] for h in hold], [h[2] for h in hold], [h[1] for h in hold])
         )
-    t = time.perf_counter()
-    behaviour = Behaviour(list(learn["bot"]), list(learn["input"]), list(learn["action"]))
-    propensity, _ = behaviour.propensity(
-        list(learn["bot"]), list(learn["input"]), list(learn["action"])
-    )
-    vw = VWPolicy(rows, bank, propensity, seed=seed)
-    seconds["vw"] = time.perf_counter() - t
+    if vw:
+        t = time.perf_counter()
+        behaviour = Behaviour(list(learn["bot"]), list(learn["input"]), list(learn["action"]))
+        propensity, _ = behaviour.propensity(
+            list(learn["bot"]), list(learn["input"]), list(learn["action"])
+        )
+        vw_policy = VWPolicy(rows, bank, propensity, seed=seed)
+        seconds["vw"] = time.perf_counter() - t
+        values["Vowpal Wabbit cb_adf (DR)"] = value([vw_policy.choose(*h) for h in hold])
     t = time.perf_counter()
     gbm = LightGBMPolicy(rows, bank, seed=seed)
     seconds["lightgbm"] = time.perf_counter() - t
@@ -197,40 +217,95 @@ def run(size: int, seed: int, root: Path, hard: bool = False, members=(1,)) -> d
         keys = group["action"].map(canonical_json)
         frequent[bot] = dict(zip(keys, group["action"], strict=True))[keys.value_counts().index[0]]
     values |= {
-        "Vowpal Wabbit cb_adf (DR)": value([vw.choose(*h) for h in hold]),
-        "LightGBM direct method": value(gbm.choose_many(hold)),
-        "behaviour (logged)": value(list(holdout["action"])),
+        LIGHTGBM: value(gbm.choose_many(hold)),
+        BEHAVIOUR: value(list(holdout["action"])),
         "most frequent action": value([frequent[h[0]] for h in hold]),
         "oracle": value([world.oracle_action(h[0], h[2]) for h in hold]),
     }
     return {"values": values, "seconds": seconds, "holdout": len(hold), "train": len(rows)}
 
 
+def gaps(values: dict[str, float]) -> dict[str, float]:
+    """Each learner's share of the behaviour-to-oracle gap closed."""
+    lo, hi = values[BEHAVIOUR], values["oracle"]
+    return {k: (v - lo) / (hi - lo) if hi > lo else float("nan") for k, v in values.items()}
+
+
+def summary(results: list[dict]) -> list[tuple[str, float, float, float, float]]:
+    """Over seeds, per learner: mean true reward, mean gap closed, worst seed's gap
+    closed, and the worst seed's gap closed less LightGBM's on that seed."""
+    out = []
+    for name in results[0]["values"]:
+        v = [r["values"][name] for r in results]
+        g = [gaps(r["values"])[name] for r in results]
+        behind = [gaps(r["values"])[name] - gaps(r["values"])[LIGHTGBM] for r in results]
+        out.append((name, float(np.mean(v)), float(np.mean(g)), min(g), min(behind)))
+    return out
+
+
+def _variants(args: argparse.Namespace) -> dict[str, list[str]]:
+    variants = {"ours": []}
+    for m in args.members:
+        if m > 1:
+            variants[f"ours, {m} members"] = ["--members", str(m)]
+    for v in args.variant:
+        name, _, extra = v.partition("=")
+        variants[name.strip()] = extra.split()
+    if args.only_variants:
+        variants.pop("ours")
+    return variants
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one log per seed")
+    p.add_argument("--seed", type=int, help="one seed (the same as --seeds SEED)")
     p.add_argument("--world", choices=["default", "hard"], default="default")
     p.add_argument(
         "--members", type=int, nargs="+", default=[1], help="ours with each number of members"
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OPTIONS",
+        help="ours trained with these options of python -m model.train as well "
+        "(repeatable), e.g. 'wide=--lr 0.002'",
+    )
+    p.add_argument("--only-variants", action="store_true", help="leave out plain ours")
+    p.add_argument("--no-vw", action="store_true", help="leave out Vowpal Wabbit")
     args = p.parse_args()
+    seeds = [args.seed] if args.seed is not None else args.seeds
+    variants = _variants(args)
     root = Path(tempfile.mkdtemp(prefix="valifi-policy-bench-"))
-    print(f"world: {args.world}")
+    print(f"world: {args.world}; seeds: {' '.join(map(str, seeds))}")
     for size in args.sizes:
-        r = run(size, args.seed, root, hard=args.world == "hard", members=args.members)
-        v = r["values"]
-        lo, hi = v["behaviour (logged)"], v["oracle"]
-        print(
-            f"\n{size:,} rows ({r['train']:,} to learn from, {r['holdout']:,} holdout "
-            f"contexts); training seconds: "
-            + ", ".join(f"{k} {s:.0f}" for k, s in r["seconds"].items())
-        )
-        print("| policy | true mean reward | gap closed |")
-        print("|---|---|---|")
-        for name, val in v.items():
-            gap = (val - lo) / (hi - lo) if hi > lo else float("nan")
-            print(f"| {name} | {val:.4f} | {gap:.2f} |")
+        results = []
+        for seed in seeds:
+            r = run(size, seed, root, args.world == "hard", variants, not args.no_vw)
+            results.append(r)
+            g = gaps(r["values"])
+            print(
+                f"\n{size:,} rows, seed {seed} ({r['train']:,} to learn from, "
+                f"{r['holdout']:,} holdout contexts); training seconds: "
+                + ", ".join(f"{k} {s:.0f}" for k, s in r["seconds"].items())
+            )
+            print("| policy | true mean reward | gap closed |")
+            print("|---|---|---|")
+            for name, val in r["values"].items():
+                print(f"| {name} | {val:.4f} | {g[name]:.3f} |")
+            sys.stdout.flush()
+        if len(seeds) > 1:
+            print(f"\n{size:,} rows over {len(seeds)} seeds:")
+            print(
+                "| policy | mean true reward | mean gap closed | worst seed "
+                "| worst seed - LightGBM |"
+            )
+            print("|---|---|---|---|---|")
+            for name, val, gap, worst, behind in summary(results):
+                print(f"| {name} | {val:.4f} | {gap:.3f} | {worst:.3f} | {behind:+.3f} |")
+            sys.stdout.flush()
     return 0
 
 

@@ -28,7 +28,8 @@ Targets with the defaults on 2 cores, at 8 and 32 clients: >= 1.5x the better
 mlflow throughput at a p99 no higher than its, and >= 0.85x the no-op ceiling.
 
 `--only` with the names in STEPS also starts ours with one of its serving settings
-changed, to measure what that setting gives side by side.
+changed, or serving another training of the same rows (VARIANTS: the joint network,
+three members), to measure what that setting or model gives side by side.
 """
 
 from __future__ import annotations
@@ -255,10 +256,12 @@ def measure_worst(url: str, pid: int, execute: dict, seconds: float) -> None:
         )
 
 
-def train_and_promote(uri: str, root: Path) -> str:
+def train_and_promote(uri: str, root: Path, variants: tuple[str, ...] = ()) -> str:
     """A small model (1,500 synthetic rows, 2 epochs) trained, registered and promoted;
     registered and promoted as MODEL_SHADOW too, with another training of the same
-    size (another seed) as its Challenger."""
+    size (another seed) as its Challenger; and for each of `variants` (names in
+    VARIANTS), the same training with that variant's options, promoted under its
+    own model name."""
     from core.registry import Registry
     from core.settings import CHALLENGER
     from model.synthetic import World, write_snapshot
@@ -275,6 +278,10 @@ def train_and_promote(uri: str, root: Path) -> str:
         uri, MODEL_SHADOW, train(other, root / "train2", 2, "--max-epochs", "2"), other
     )
     shadowed.promote(challenger, "serving benchmark", alias=CHALLENGER, action="shadow")
+    for name in variants:
+        model, options = VARIANTS[name]
+        out = train(snap, root / model, 1, "--max-epochs", "2", *options)
+        Registry(uri, model).promote(register(uri, model, out, snap), "serving benchmark")
     return version
 
 
@@ -415,6 +422,13 @@ STEPS = {
     "valifi serve, LitServe queues": {"VALIFI_SERVE_TRANSPORT": "litserve"},
     "valifi serve, no access log": {"VALIFI_SERVE_ACCESS_LOG": "false"},
 }
+# ours serving another training of the same rows: its model name and training options
+VARIANTS = {
+    # every (context, candidate) pair through the whole encoder, as before the prefix
+    "valifi serve, joint network": ("valifi-agent-bench-joint", ["--interaction", "joint"]),
+    "valifi serve, 3 members": ("valifi-agent-bench-members", ["--members", "3"]),
+}
+STEPS |= {name: {"VALIFI_MODEL_NAME": model} for name, (model, _) in VARIANTS.items()}
 NAMES = (
     "valifi serve",
     OFF,
@@ -622,14 +636,16 @@ def run(args, data: Path, db_settings, procs: dict) -> int:
 
     with own_mlflow(data / "stack") as uri:
         try:
+            wanted = _names(args.only) if args.only else set(NAMES) - set(STEPS)
             print(f"training and promoting a model in {uri} ...", flush=True)
-            version = train_and_promote(uri, data / "train")
+            version = train_and_promote(
+                uri, data / "train", tuple(n for n in VARIANTS if n in wanted)
+            )
             execute, records, mixed = requests_for()
             bodies = {"execute": execute, "records": records, "mixed": mixed}
             ports = {n: free_port() for n in NAMES}
             db = local.start_embedded_pg(db_settings)  # the decision log's database
             started = servers(ports, args.workers, data / "serve", db)
-            wanted = _names(args.only) if args.only else set(NAMES) - set(STEPS)
             started = {n: v for n, v in started.items() if n in wanted}
             logs = data / "logs"
             logs.mkdir(parents=True, exist_ok=True)

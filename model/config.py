@@ -90,6 +90,13 @@ class TrainConfig(Checked):
         "noisy rewards, at this many times the training and scoring time",
         ge=1,
     )
+    interaction: str = setting(
+        "prefix",
+        "how the network meets the context and the action: prefix (the context's tokens "
+        "do not attend to the action's, so a request's context is encoded once for all "
+        "its candidates) or joint (every token attends to every other)",
+        ("prefix", "joint"),
+    )
     pessimism: float = setting(
         2.0,
         "actions rank by their expected reward less this many standard errors of a mean "

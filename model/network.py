@@ -6,12 +6,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.features import CLS, MAX_WORDS_PER_LEAF, PAD, SEP, Encoded
 from model.splits import MAX_CUTS
 
 POSITIONS = ("leaf", "sequence")
+# how the context and the action meet: "joint", one encoder over the pair, every token
+# attending to every other; "prefix", the same encoder, but the context's tokens do not
+# attend to the action's (the action's still read the context's at every layer), and
+# the score is read off the action's [SEP]. A prefix network encodes a request's
+# context once for all its candidates, and each candidate's tokens alone read it.
+INTERACTIONS = ("joint", "prefix")
 
 
 @dataclass
@@ -46,17 +53,32 @@ class ModelConfig:
     # networks of this config trained side by side from their own initial weights,
     # the score their mean
     members: int = 1
+    # see INTERACTIONS
+    interaction: str = "prefix"
 
     @classmethod
     def preset(
-        cls, name: str, vocab_size: int, max_len: int, num_paths: int = 0, members: int = 1
+        cls,
+        name: str,
+        vocab_size: int,
+        max_len: int,
+        num_paths: int = 0,
+        members: int = 1,
+        interaction: str = "prefix",
     ) -> ModelConfig:
         """`small` trains in a minute or two on 2 CPU cores; `large` is meant for GPUs."""
         sizes = {
             "small": {},
             "large": {"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048},
         }
-        return cls(vocab_size, max_len, num_paths=num_paths, members=members, **sizes[name])
+        return cls(
+            vocab_size,
+            max_len,
+            num_paths=num_paths,
+            members=members,
+            interaction=interaction,
+            **sizes[name],
+        )
 
     @classmethod
     def from_dict(cls, doc: dict) -> ModelConfig:
@@ -76,12 +98,14 @@ BEFORE_FIELDS = {
     "cross": False,
     "num_cuts": 0,
     "members": 1,
+    "interaction": "joint",
 }
 
 
 class RewardModel(nn.Module):
-    """tokens → transformer encoder → [CLS] (and the context × action product) →
-    expected reward (a scalar)."""
+    """tokens → transformer encoder → the head (and the context × action product) →
+    expected reward (a scalar). The head reads [CLS] (joint) or the action's [SEP]
+    (prefix; see INTERACTIONS)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -90,6 +114,11 @@ class RewardModel(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, d, padding_idx=PAD)
         if cfg.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}: {cfg.positions!r}")
+        if cfg.interaction not in INTERACTIONS:
+            raise ValueError(f"interaction must be one of {INTERACTIONS}: {cfg.interaction!r}")
+        self.prefix = cfg.interaction == "prefix"
+        if self.prefix and cfg.positions != "leaf":  # apart, a sequence index would differ
+            raise ValueError("a prefix interaction needs positions 'leaf'")
         if cfg.positions == "leaf":
             self.place = nn.Embedding(MAX_WORDS_PER_LEAF + 1, d)
         else:
@@ -129,19 +158,21 @@ class RewardModel(nn.Module):
             self.cross_ctx = nn.Linear(d, d)
             self.cross_act = nn.Linear(d, d, bias=False)
 
-    def forward(
+    def _embed(
         self,
         ids: torch.Tensor,
         nums: torch.Tensor,
         is_num: torch.Tensor,
         segment: torch.Tensor,
         quant: torch.Tensor,
-        place: torch.Tensor | None = None,
-        leaf: torch.Tensor | None = None,
-        cut: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        place: torch.Tensor | None,
+        leaf: torch.Tensor | None,
+        cut: torch.Tensor | None,
+        trim: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, segment, token vectors), cut to the longest row's tokens (`trim`)."""
         # ids, segment, place, leaf, cut: (B, T) int64; nums, is_num, quant: (B, T) float
-        t = int(ids.ne(PAD).sum(1).max())  # drop the padding columns no row uses
+        t = int(ids.ne(PAD).sum(1).max()) if trim else ids.shape[1]
         ids, nums, is_num = ids[:, :t], nums[:, :t], is_num[:, :t]
         segment, quant = segment[:, :t], quant[:, :t]
         b = ids.shape[0]
@@ -169,9 +200,22 @@ class RewardModel(nn.Module):
                 raise ValueError("this network needs each number's interval among its cuts")
             path = ids.clamp(max=self.cfg.num_paths - 1)
             value = value + self.cuts(path * self.cfg.num_cuts + cut[:, :t])
-        x = x + is_num.unsqueeze(-1) * value  # (B, T, d)
-        h = self.encoder(x, src_key_padding_mask=ids.eq(PAD))  # (B, T, d)
-        out = self.head(self.norm(h[:, 0])).squeeze(-1)  # (B,)
+        return ids, segment, x + is_num.unsqueeze(-1) * value  # (B, T, d)
+
+    def forward(self, *x: torch.Tensor) -> torch.Tensor:
+        """The score of each joined (context, action) sequence: (B,)."""
+        ids, segment, h = self._embed(*_eight(x))
+        pad = ids.eq(PAD)
+        if self.prefix:  # a context token does not attend to the action's tokens
+            blind = segment.unsqueeze(2).lt(segment.unsqueeze(1))  # (B, T, T)
+            blind = blind.repeat_interleave(self.cfg.n_heads, 0)
+            h = self.encoder(h, mask=blind, src_key_padding_mask=pad)  # (B, T, d)
+            sep = ids.eq(SEP).to(torch.int64).argmax(1)
+            read = h[torch.arange(len(h), device=h.device), sep]  # (B, d)
+        else:
+            h = self.encoder(h, src_key_padding_mask=pad)  # (B, T, d)
+            read = h[:, 0]
+        out = self.head(self.norm(read)).squeeze(-1)  # (B,)
         if self.cfg.cross:
             out = out + self._cross(h, ids, segment)
         return out
@@ -179,6 +223,78 @@ class RewardModel(nn.Module):
     def each(self, *x: torch.Tensor) -> torch.Tensor:
         """The score as a one-member ensemble's: (1, B)."""
         return self(*x).unsqueeze(0)
+
+    # -- a prefix network apart: contexts once, actions once, then the pairs; the same
+    # -- scores as forward() on the joined sequences, layer by layer --
+    def encode_contexts(self, *x: torch.Tensor) -> Contexts:
+        """Context-only sequences ([CLS] and the context's leaves) → each layer's keys
+        and values, and the mean of the context's leaf tokens (for the cross term)."""
+        ids, _, h = self._embed(*_eight(x))
+        valid = ids.ne(PAD)
+        keys, values = [], []
+        for layer in self.encoder.layers:
+            q, k, v = self._qkv(layer, h)
+            keys.append(k)
+            values.append(v)
+            h = self._block(layer, h, q, k, v, valid)
+        mean = self._mean(self.cross_norm(h), valid & ids.ne(CLS)) if self.cfg.cross else None
+        return Contexts(keys, values, valid, mean)
+
+    def embed_actions(self, *x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action-only sequences ([SEP] and the action's leaves) → their tokens'
+        vectors (K, T, d), untrimmed, and which are tokens (K, T)."""
+        ids, _, h = self._embed(*_eight(x), trim=False)
+        return h, ids.ne(PAD)
+
+    def score_pairs(
+        self,
+        ctx: Contexts,
+        actions: torch.Tensor,
+        valid: torch.Tensor,
+        ci: torch.Tensor,
+        ai: torch.Tensor,
+    ) -> torch.Tensor:
+        """The score of each pair (context ci[p], action ai[p]): (P,). `actions`,
+        `valid`: embed_actions' output; only the action's tokens go through the layers,
+        reading the context's keys and values."""
+        h, own = actions[ai], valid[ai]  # (P, Ta, d), (P, Ta)
+        both = torch.cat([ctx.valid[ci], own], 1)  # (P, Tc + Ta)
+        for layer, k_ctx, v_ctx in zip(self.encoder.layers, ctx.keys, ctx.values, strict=True):
+            q, k, v = self._qkv(layer, h)
+            k = torch.cat([k_ctx[ci], k], 2)
+            v = torch.cat([v_ctx[ci], v], 2)
+            h = self._block(layer, h, q, k, v, both)
+        out = self.head(self.norm(h[:, 0])).squeeze(-1)
+        if self.cfg.cross:  # the action's leaf tokens: all but its [SEP]
+            leaf = own.clone()
+            leaf[:, 0] = False
+            a = self._mean(self.cross_norm(h), leaf)
+            c = ctx.mean[ci]
+            out = out + (self.cross_ctx(c) * self.cross_act(a)).sum(-1) / h.shape[-1] ** 0.5
+        return out
+
+    def _qkv(self, layer: nn.TransformerEncoderLayer, h: torch.Tensor):
+        """The layer's queries, keys and values of `h`, by head: (B, H, T, d / H)."""
+        b, t, d = h.shape
+        heads = self.cfg.n_heads
+        attn = layer.self_attn
+        qkv = F.linear(layer.norm1(h), attn.in_proj_weight, attn.in_proj_bias)
+        return qkv.view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+
+    @staticmethod
+    def _block(layer: nn.TransformerEncoderLayer, h, q, k, v, valid) -> torch.Tensor:
+        """The rest of a (pre-norm) encoder layer, as nn.TransformerEncoderLayer
+        computes it in evaluation: attention over the keys that are tokens (`valid`),
+        then the feed-forward block."""
+        b, heads, t, dh = q.shape
+        read = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        h = h + layer.self_attn.out_proj(read.transpose(1, 2).reshape(b, t, heads * dh))
+        return h + layer.linear2(layer.activation(layer.linear1(layer.norm2(h))))
+
+    @staticmethod
+    def _mean(g: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        w = which.unsqueeze(-1).to(g.dtype)
+        return (g * w).sum(1) / w.sum(1).clamp(min=1.0)
 
     def _cross(self, h: torch.Tensor, ids: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
         """<P·mean context token, Q·mean action token>, over the leaves' tokens only."""
@@ -189,6 +305,23 @@ class RewardModel(nn.Module):
         c = (g * ctx).sum(1) / ctx.sum(1).clamp(min=1.0)  # (B, d)
         a = (g * act).sum(1) / act.sum(1).clamp(min=1.0)
         return (self.cross_ctx(c) * self.cross_act(a)).sum(-1) / g.shape[-1] ** 0.5
+
+
+@dataclass
+class Contexts:
+    """Encoded contexts, as a prefix network's pairs read them: per layer, the keys
+    and values of their tokens ((B, H, T, d / H) each); which are tokens (B, T); the
+    mean of the leaf tokens of the last layer (B, d), for the cross term (or None)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    valid: torch.Tensor
+    mean: torch.Tensor | None
+
+
+def _eight(x: tuple) -> tuple:
+    """The network's eight inputs (the last three None when not given)."""
+    return (*x, *([None] * (8 - len(x))))
 
 
 class RewardEnsemble(nn.Module):
@@ -206,6 +339,24 @@ class RewardEnsemble(nn.Module):
 
     def forward(self, *x: torch.Tensor) -> torch.Tensor:
         return self.each(*x).mean(0)  # (B,)
+
+    @property
+    def prefix(self) -> bool:
+        return self.cfg.interaction == "prefix"
+
+    def encode_contexts(self, *x: torch.Tensor) -> list[Contexts]:
+        return [m.encode_contexts(*x) for m in self.members]
+
+    def embed_actions(self, *x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedded = [m.embed_actions(*x) for m in self.members]
+        return torch.stack([e for e, _ in embedded], 1), embedded[0][1]  # (K, M, T, d)
+
+    def score_pairs(self, ctx: list[Contexts], actions, valid, ci, ai) -> torch.Tensor:
+        scores = [
+            m.score_pairs(c, actions[:, i], valid, ci, ai)
+            for i, (m, c) in enumerate(zip(self.members, ctx, strict=True))
+        ]
+        return torch.stack(scores).mean(0)
 
 
 def build(cfg: ModelConfig) -> RewardModel | RewardEnsemble:

@@ -115,7 +115,12 @@ def run(snap: Path, out: Path, launch: LaunchConfig, cfg: TrainConfig) -> TrainR
     data.setup("fit")
     fz = data.featurizer
     model_cfg = ModelConfig.preset(
-        cfg.preset, fz.vocab_size, fz.max_len, fz.word_offset, members=cfg.members
+        cfg.preset,
+        fz.vocab_size,
+        fz.max_len,
+        fz.word_offset,
+        members=cfg.members,
+        interaction=cfg.interaction,
     )
     module = RewardRegressor(model_cfg.to_dict(), cfg.to_dict())
     trainer, checkpoint = build_trainer(out, launch, cfg, len(data.train_df))

@@ -60,7 +60,11 @@ def test_with_leaf_places_where_a_leaf_falls_in_the_sequence_does_not_matter(pos
     fz = Featurizer.build(rows, max_len=32)
     torch.manual_seed(0)
     cfg = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset)
-    net = RewardModel(ModelConfig(**{**cfg.to_dict(), "positions": positions})).eval()
+    # (a prefix network needs leaf places: taken apart, a sequence index would differ)
+    interaction = "prefix" if positions == "leaf" else "joint"
+    net = RewardModel(
+        ModelConfig(**{**cfg.to_dict(), "positions": positions, "interaction": interaction})
+    ).eval()
     seq = fz.tokens(*rows[7][:4])
     moved = [seq[0], *reversed(seq[1:])]  # [CLS] first, every other token elsewhere
     same, other = _score_seqs(net, fz, [seq, moved])
@@ -75,6 +79,7 @@ def test_a_network_saved_before_leaf_places_scores_by_sequence_position():
     old = ModelConfig.preset("small", fz.vocab_size, fz.max_len).to_dict()
     old.pop("positions")
     old.pop("num_paths")
+    old.pop("interaction")
     net = RewardModel(ModelConfig.from_dict(old))
     assert net.cfg.positions == "sequence" and net.path_bins is None
     assert {k.split(".")[0] for k in net.state_dict()} >= {"pos", "bins"}
