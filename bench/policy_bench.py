@@ -235,10 +235,11 @@ def summary(results: list[dict]) -> list[tuple[str, float, float, float, float]]
     """Over seeds, per learner: mean true reward, mean gap closed, worst seed's gap
     closed, and the worst seed's gap closed less LightGBM's on that seed."""
     out = []
+    per_seed = [gaps(r["values"]) for r in results]
     for name in results[0]["values"]:
         v = [r["values"][name] for r in results]
-        g = [gaps(r["values"])[name] for r in results]
-        behind = [gaps(r["values"])[name] - gaps(r["values"])[LIGHTGBM] for r in results]
+        g = [seed[name] for seed in per_seed]
+        behind = [seed[name] - seed[LIGHTGBM] for seed in per_seed]
         out.append((name, float(np.mean(v)), float(np.mean(g)), min(g), min(behind)))
     return out
 

@@ -150,12 +150,10 @@ class AgentModel:
     @torch.inference_mode()
     def _score(self, seqs: list, batch_size: int = 512) -> np.ndarray:
         out = []
-        cuda = self.device.type == "cuda"
-        bf16 = cuda and torch.cuda.is_bf16_supported()
         for i in range(0, len(seqs), batch_size):
             enc = self.featurizer.pad(seqs[i : i + batch_size])
             x = [t.to(self.device) for t in to_tensors(enc)]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            with self._autocast():
                 out.append(self.net(*x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -173,7 +171,7 @@ class AgentModel:
         (bank actions are kept), and runs only the candidates' tokens per pair.
         """
         fz = self.featurizer
-        ctxs, spans, acts, margins, margin = [], [], {}, [], {}
+        ctxs, spans, margins, margin = [], [], [], {}
         for i, (bot, x, candidates) in enumerate(requests):
             cands = candidates if candidates else self.bank.get(bot, [])
             dt = (data_types[i] if data_types else None) or self.default_data_type.get(
@@ -183,15 +181,13 @@ class AgentModel:
             start = len(margins)
             spans.append((start, start + len(cands), cands))
             for a in cands:
-                if id(a) not in acts:
-                    acts[id(a)] = a
                 if (bot, id(a)) not in margin:
                     margin[bot, id(a)] = self.support.margin(bot, a)
                 margins.append(margin[bot, id(a)])
         if getattr(self.net, "prefix", False) and len(margins) >= APART_MIN_PAIRS:
             scores = self._score_apart(ctxs, spans)
         else:
-            tokens = {k: fz.action_tokens(a) for k, a in acts.items()}
+            tokens = {id(a): fz.action_tokens(a) for _, _, cands in spans for a in cands}
             seqs = [
                 fz.join(c, tokens[id(a)])
                 for c, (_, _, cands) in zip(ctxs, spans, strict=True)
@@ -214,8 +210,6 @@ class AgentModel:
         per model, and only the candidates' tokens run per pair."""
         fz = self.featurizer
         out = []
-        cuda = self.device.type == "cuda"
-        bf16 = cuda and torch.cuda.is_bf16_supported()
         for i in range(0, len(ctxs), chunk):
             part = spans[i : i + chunk]
             cands = [a for _, _, cs in part for a in cs]
@@ -230,12 +224,17 @@ class AgentModel:
                 [j for j, (lo, hi, _) in enumerate(part) for _ in range(hi - lo)],
                 device=self.device,
             )
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            with self._autocast():
                 table, valid, ai = self._embedded(keys, cands)
                 contexts = self.net.encode_contexts(*[t.to(self.device) for t in to_tensors(enc)])
                 scores = self.net.score_pairs(contexts, table, valid, ci, ai)
             out.append(scores.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast on a GPU that supports it; elsewhere off."""
+        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
     def _action_tokens(self, key: str, action) -> list:
         tokens = self._tokens_of.get(key)

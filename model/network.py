@@ -268,9 +268,7 @@ class RewardModel(nn.Module):
         if self.cfg.cross:  # the action's leaf tokens: all but its [SEP]
             leaf = own.clone()
             leaf[:, 0] = False
-            a = self._mean(self.cross_norm(h), leaf)
-            c = ctx.mean[ci]
-            out = out + (self.cross_ctx(c) * self.cross_act(a)).sum(-1) / h.shape[-1] ** 0.5
+            out = out + self._product(ctx.mean[ci], self._mean(self.cross_norm(h), leaf))
         return out
 
     def _qkv(self, layer: nn.TransformerEncoderLayer, h: torch.Tensor):
@@ -293,6 +291,7 @@ class RewardModel(nn.Module):
 
     @staticmethod
     def _mean(g: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """The mean of `g`'s tokens (B, T, d) where `which` (B, T) holds: (B, d)."""
         w = which.unsqueeze(-1).to(g.dtype)
         return (g * w).sum(1) / w.sum(1).clamp(min=1.0)
 
@@ -300,11 +299,13 @@ class RewardModel(nn.Module):
         """<P·mean context token, Q·mean action token>, over the leaves' tokens only."""
         g = self.cross_norm(h)  # (B, T, d)
         leaf = ids.ne(PAD) & ids.ne(CLS) & ids.ne(SEP)
-        ctx = (leaf & segment.eq(0)).unsqueeze(-1).to(g.dtype)  # (B, T, 1)
-        act = (leaf & segment.eq(1)).unsqueeze(-1).to(g.dtype)
-        c = (g * ctx).sum(1) / ctx.sum(1).clamp(min=1.0)  # (B, d)
-        a = (g * act).sum(1) / act.sum(1).clamp(min=1.0)
-        return (self.cross_ctx(c) * self.cross_act(a)).sum(-1) / g.shape[-1] ** 0.5
+        return self._product(
+            self._mean(g, leaf & segment.eq(0)), self._mean(g, leaf & segment.eq(1))
+        )
+
+    def _product(self, c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The cross term of the mean context token `c` and mean action token `a`: (B,)."""
+        return (self.cross_ctx(c) * self.cross_act(a)).sum(-1) / c.shape[-1] ** 0.5
 
 
 @dataclass
