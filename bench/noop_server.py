@@ -13,7 +13,7 @@ import sys
 import litserve as ls
 
 from core.settings import Settings
-from serving.api import serve
+from serving.api import encoded, serve
 from serving.requests import PredictRequest
 
 
@@ -28,7 +28,7 @@ class NoopAPI(ls.LitAPI):
         return [self.answer for _ in batch]
 
     def encode_response(self, output):
-        return output
+        return encoded(output)  # rendered in the worker, as ours are
 
 
 if __name__ == "__main__":

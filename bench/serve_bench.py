@@ -417,10 +417,14 @@ def combine(runs: list[dict]) -> dict:
 OFF = "valifi serve, no log, greedy"
 SHADOW = "valifi serve, shadow 1.0"
 # ours with one serving setting changed (the queues back to LitServe's own; the
-# access log off): what each gives, side by side (measured only when named in --only)
+# access log off; ...): what each gives, side by side (measured only when named in --only)
 STEPS = {
     "valifi serve, LitServe queues": {"VALIFI_SERVE_TRANSPORT": "litserve"},
     "valifi serve, no access log": {"VALIFI_SERVE_ACCESS_LOG": "false"},
+    "valifi serve, answers rendered in HTTP": {"VALIFI_SERVE_RENDER": "http"},
+    # the decision log's writer taking each decision as it comes, as it did before
+    # batches waited for their rest
+    "valifi serve, log flush 1 ms": {"VALIFI_SERVE_LOG_FLUSH_S": "0.001"},
 }
 # ours serving another training of the same rows: its model name and training options
 VARIANTS = {
@@ -565,7 +569,9 @@ INTERESTING = (
     "forward ",
     "put_response",
     "collate_requests",
-    "DecisionLog",
+    "_decision (decision.py",  # an answer and its decision record from a ranking
+    "decision_log.py",  # the decision log: its queue and its writer thread
+    "insert (decisions.py",  # the writer's transactions
     "write_status",
     "jsonable_encoder",
     "PredictMetricsMiddleware",

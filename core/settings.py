@@ -244,11 +244,17 @@ class _ServeSpecBase(BaseModel):
     # "pipes" (serving.transport: a pipe each way, no manager process in the path) or
     # "litserve" (LitServe's own Manager queues, as shipped)
     transport: Literal["pipes", "litserve"] = "pipes"
+    # where an answer becomes JSON: "worker" (rendered once there, labelled in headers
+    # for the metrics: the HTTP process sends it as it is) or "http" (FastAPI's encoder
+    # in the HTTP process, as LitServe does it)
+    render: Literal["worker", "http"] = "worker"
     # Every execute decision is logged to the database (`agent_decisions`) by each
-    # worker in the background: batches of up to `log_batch`, at least every
-    # `log_flush_s`; while the database is unreachable they go to files under
-    # data_dir/decision-spool and are written when it returns. At most `log_queue`
-    # wait in memory (more go to the spool at once). False: nothing is logged.
+    # worker in the background: batches of up to `log_batch`, a batch written at most
+    # `log_flush_s` after its first decision came (one transaction per decision would
+    # cost a light load most of the log's CPU); while the database is unreachable they
+    # go to files under data_dir/decision-spool and are written when it returns. At
+    # most `log_queue` wait in memory (more go to the spool at once). False: nothing
+    # is logged.
     log_decisions: bool = True
     log_batch: int = Field(256, ge=1)
     log_flush_s: float = Field(0.2, gt=0)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import litserve as ls
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from core import decisions as decision_tables
 from core.registry import Registry
@@ -54,16 +54,29 @@ def _share_cores(serve) -> int:
 
 
 def _error(status: int, message: str, served=None, headers=None, **extra) -> JSONResponse:
+    content = {
+        "type": "error",
+        "error": message,
+        "answer": message,
+        "model_version": served.version if served else None,
+        **extra,
+    }
     return JSONResponse(
         status_code=status,
-        content={
-            "type": "error",
-            "error": message,
-            "answer": message,
-            "model_version": served.version if served else None,
-            **extra,
-        },
-        headers=headers,
+        content=content,
+        headers=metrics.label_headers(content) | (headers or {}),
+    )
+
+
+def encoded(answer):
+    """An answer rendered to JSON once, in the worker, with the headers that label it:
+    the HTTP process sends it as it is (FastAPI's encoder and the metrics' re-parse of
+    the body are skipped). A response made already passes through."""
+    if not isinstance(answer, dict):
+        return answer
+    body = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Response(
+        body.encode(), media_type="application/json", headers=metrics.label_headers(answer)
     )
 
 
@@ -202,7 +215,7 @@ class AgentAPI(ls.LitAPI):
         return out
 
     def encode_response(self, output):
-        return output
+        return encoded(output) if self.settings.serve.render == "worker" else output
 
     # -- routing --
     def _agent(self, req: PredictRequest, served) -> str | None:
@@ -484,8 +497,6 @@ def build_server(settings: Settings, api_class: type[ls.LitAPI] = AgentAPI) -> l
     )
 
     async def prometheus():
-        from fastapi import Response
-
         body, content_type = metrics.render()
         return Response(content=body, media_type=content_type)
 

@@ -3,12 +3,13 @@
 path, and never lost while the database is away.
 
 `put` only queues (bounded: past `max_queue` records go straight to the spool). A
-thread of its own takes what is queued, up to `batch` records at least every
-`flush_s`, and writes them in one transaction. When the database cannot be reached,
-the batch is written to a spool file (a JSON line per decision, fsynced, renamed
-into place whole) and the database is tried again after `retry_s`; once it answers,
-the spool files are replayed, oldest first, and removed. A decision already logged
-is left as it is, so a replay or a retried request never logs one twice.
+thread of its own takes what is queued, up to `batch` records, waiting up to
+`flush_s` after the first for the rest, and writes them in one transaction. When the
+database cannot be reached, the batch is written to a spool file (a JSON line per
+decision, fsynced, renamed into place whole) and the database is tried again after
+`retry_s`; once it answers, the spool files are replayed, oldest first, and removed.
+A decision already logged is left as it is, so a replay or a retried request never
+logs one twice.
 Spool files are claimed by renaming, so workers that share a spool folder (and a
 worker restarted after a crash) never replay one file twice at once.
 """
@@ -82,6 +83,10 @@ class DecisionLog:
         return self
 
     def _run(self) -> None:
+        # the table is there from the start, not from the first batch (flush_s later);
+        # a database away now is found by the first write
+        with contextlib.suppress(Exception):
+            self._connection()
         while not self._stop.is_set():
             try:
                 self._step()
@@ -96,11 +101,16 @@ class DecisionLog:
         elif self.error is None or time.monotonic() >= self._retry_at:
             self._replay()
 
-    def _take(self, wait_s: float) -> list[dict]:
+    def _take(self, wait_s: float, linger: bool = True) -> list[dict]:
+        """Up to `batch` queued decisions: the first within `wait_s`, then those that
+        came within `flush_s` of it. Writing each decision as it comes would cost a
+        transaction apiece at a light load (most of the worker's CPU for the log)."""
         try:
             first = self.queue.get(timeout=wait_s)
         except queue.Empty:
             return []
+        if linger and self.queue.qsize() < self.batch - 1:
+            self._stop.wait(self.flush_s)  # the rest of the batch, unless stopping
         out = [first]
         while len(out) < self.batch:
             try:
@@ -203,7 +213,7 @@ class DecisionLog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        while batch := self._take(0.0):
+        while batch := self._take(0.0, linger=False):
             self._write(batch)
 
     def status(self) -> dict:

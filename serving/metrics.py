@@ -78,8 +78,20 @@ def requests_served() -> int:
     return int(total)
 
 
+# An answer rendered in the worker carries its labels in these headers, so that the
+# HTTP process does not parse its body again to count it.
+TYPE_HEADER, VERSION_HEADER = "x-valifi-type", "x-valifi-model-version"
+
+
+def label_headers(answer: dict) -> dict[str, str]:
+    """The headers that label an answer (its type and the model version that gave it)."""
+    kind, version = _labels_of(answer, 200)
+    return {TYPE_HEADER: kind, VERSION_HEADER: version}
+
+
 class PredictMetricsMiddleware:
-    """ASGI middleware: times POST /predict and labels it from the JSON it answers."""
+    """ASGI middleware: times POST /predict and labels it from the headers that label
+    its answer or, for an answer without them, from the JSON it answers."""
 
     def __init__(self, app, path: str = "/predict", fallback=None):
         self.app = app
@@ -92,24 +104,39 @@ class PredictMetricsMiddleware:
         if scope["type"] != "http" or scope["path"] != self.path:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        status = {"code": 500}
+        status: dict = {"code": 500, "labels": None}
         body = bytearray()
 
         async def capture(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-            elif message["type"] == "http.response.body" and len(body) < 65536:
+                status["labels"] = _header_labels(message.get("headers") or ())
+            elif (
+                message["type"] == "http.response.body"
+                and status["labels"] is None
+                and len(body) < 65536
+            ):
                 body.extend(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
         finally:
-            kind, version = _labels(bytes(body), status["code"])
+            kind, version = status["labels"] or _labels(bytes(body), status["code"])
             if version == "none" and status["code"] >= 500:
                 version = str(self.fallback() or "none")
             HTTP_REQUESTS.labels(kind, version, str(status["code"])).inc()
             HTTP_LATENCY.labels(kind, version).observe(time.perf_counter() - started)
+
+
+_TYPE, _VERSION = TYPE_HEADER.encode(), VERSION_HEADER.encode()
+
+
+def _header_labels(headers) -> tuple[str, str] | None:
+    found = {k.lower(): v for k, v in headers if k.lower() in (_TYPE, _VERSION)}
+    if len(found) < 2:
+        return None
+    return found[_TYPE].decode("latin-1"), found[_VERSION].decode("latin-1")
 
 
 def _labels(body: bytes, code: int) -> tuple[str, str]:
@@ -117,6 +144,10 @@ def _labels(body: bytes, code: int) -> tuple[str, str]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         doc = {}
+    return _labels_of(doc, code)
+
+
+def _labels_of(doc, code: int) -> tuple[str, str]:
     if not isinstance(doc, dict):
         doc = {}
     kind = doc.get("type") or ("invalid" if 400 <= code < 500 else "error")

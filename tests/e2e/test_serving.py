@@ -187,6 +187,30 @@ def test_candidates_from_context_are_ranked(server):
     assert sorted(map(json.dumps, chosen)) == sorted(map(json.dumps, cands))
 
 
+def test_answers_are_labelled_by_headers_that_match_their_bodies_and_counted(server):
+    def served(kind: str, version: str, code: str) -> float:
+        return sum(
+            v
+            for lbl, v in _metric(server, "valifi_http_requests_total")
+            if (lbl["type"], lbl["model_version"], lbl["status"]) == (kind, version, code)
+        )
+
+    execute = post(server, EXECUTE)
+    info = post(server, {"task": "What is Valifi?", "query_type": "info"})
+    unknown = post(server, {**EXECUTE, "agent_type": "no_such_agent"})
+    for r in (execute, info, unknown):
+        body = r.json()
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["x-valifi-type"] == body["type"]
+        assert r.headers["x-valifi-model-version"] == str(body["model_version"] or "none")
+    assert execute.status_code == 200 and execute.json()["type"] == "execution"
+    assert unknown.status_code == 404 and unknown.json()["type"] == "error"
+    version = str(execute.json()["model_version"])
+    before = served("execution", version, "200")
+    assert post(server, EXECUTE).status_code == 200
+    assert served("execution", version, "200") == before + 1
+
+
 @pytest.mark.parametrize(
     ("raw", "status", "text"),
     [

@@ -155,6 +155,8 @@ def _set(uri: str, version: str | None) -> None:
 
 def _shadow_rows(db: str, ids: list[str]) -> dict[tuple[str, str], dict]:
     with psycopg.connect(db) as conn:
+        if conn.execute("SELECT to_regclass('agent_shadow')").fetchone()[0] is None:
+            return {}  # no shadow row written yet
         rows = conn.execute(
             "SELECT decision_id, challenger_version, outcome, reason, agrees, "
             "logged_probability FROM agent_shadow WHERE decision_id = ANY(%s)",
