@@ -271,7 +271,7 @@ def test_moving_the_challenger_under_load_fails_nothing_and_the_report_counts_th
     assert set(load.statuses) == {200}
     _set(uri, None)
     _wait_shadow(server, "off", None)
-    time.sleep(1.5)  # the shadow's log flushes
+    _wait_settled(db, ("2", "4"), since)  # what was pending is logged, then nothing more
     for version in ("2", "4"):
         r = valifi(
             "shadow",
@@ -289,6 +289,16 @@ def test_moving_the_challenger_under_load_fails_nothing_and_the_report_counts_th
         assert sum(logged.values()) > 0
         assert rep["rows"] == sum(logged.values())
         assert {k: v for k, v in rep["counts"].items() if v} == logged
+
+
+def _wait_settled(db: str, versions, since: datetime, quiet_s: float = 1.0) -> None:
+    """Until no shadow row of `versions` has come for `quiet_s` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    last = None
+    while (now := [_counts(db, v, since) for v in versions]) != last:
+        assert time.monotonic() < deadline, f"shadow rows still coming: {now}"
+        last = now
+        time.sleep(quiet_s)
 
 
 def _post_rewards(url: str, n: int) -> list[str]:
