@@ -416,8 +416,9 @@ def combine(runs: list[dict]) -> dict:
 
 OFF = "valifi serve, no log, greedy"
 SHADOW = "valifi serve, shadow 1.0"
-# ours with one serving setting changed (the queues back to LitServe's own; the
-# access log off; ...): what each gives, side by side (measured only when named in --only)
+# ours with one serving setting changed (the queues back to LitServe's own, the
+# access log off, answers rendered by FastAPI, the decision log writing each decision
+# as it comes): what each gives, side by side (measured only when named in --only)
 STEPS = {
     "valifi serve, LitServe queues": {"VALIFI_SERVE_TRANSPORT": "litserve"},
     "valifi serve, no access log": {"VALIFI_SERVE_ACCESS_LOG": "false"},
