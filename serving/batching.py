@@ -17,10 +17,12 @@ comes.
 from __future__ import annotations
 
 import logging
+import time
 from queue import Empty
 
-from litserve.loops.base import collate_requests
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError, collate_requests
 from litserve.loops.simple_loops import BatchedLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
 
 log = logging.getLogger("valifi.serving")
 
@@ -59,7 +61,28 @@ class DrainingBatchedLoop(BatchedLoop):
                 first = request_queue.get(timeout=IDLE_WAIT_S)
             except Empty:
                 return [], []
-        return collate_requests(self, lit_api, _FirstThen(first, request_queue), transport)
+        view = _FirstThen(first, request_queue)
+        batch = collate_requests(self, lit_api, view, transport)
+        if view.first is not None:
+            # never asked for it: with a `batch_timeout`, LitServe's collation gives up
+            # once the timeout has passed, and it can pass before the first look (the
+            # worker kept off the core for a moment). Dropped here, the request taken
+            # from the queue would never be answered.
+            return self._admit(lit_api, view.first, transport)
+        return batch
+
+    def _admit(self, lit_api, request, transport) -> tuple[list, list]:
+        """One request as LitServe's collation takes it in: a batch of it alone, or a
+        time-out if it waited longer than the request timeout."""
+        if request == _SENTINEL_VALUE:
+            raise _StopLoopError()
+        response_queue_id, uid, timestamp, x_enc = request
+        kind = LoopResponseType.STREAMING if lit_api.stream else LoopResponseType.REGULAR
+        self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START, kind)
+        timeout = lit_api.request_timeout
+        if timeout not in (-1, False) and time.monotonic() - timestamp > timeout:
+            return [], [(response_queue_id, uid)]
+        return [(response_queue_id, uid, x_enc)], []
 
     @staticmethod
     def _spare_time(lit_api, request_queue):

@@ -52,3 +52,66 @@ def test_a_request_that_comes_while_idle_is_taken_after_the_piece_at_hand():
     api, q = Arriving(pieces=40), queue.Queue()
     assert DrainingBatchedLoop._spare_time(api, q) == "request"
     assert api.calls == [False, True, True]
+
+
+class Transport:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, item, consumer_id):
+        self.sent.append((consumer_id, item))
+
+
+class Late:
+    """A clock for LitServe's collation that has already passed `batch_timeout` at
+    its first look (the worker was kept off the core for a moment)."""
+
+    def __init__(self):
+        self.t = time.monotonic()
+
+    def monotonic(self):
+        self.t += 1.0
+        return self.t
+
+
+def _api(batch_timeout: float, request_timeout: float = 30.0):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        batch_timeout=batch_timeout,
+        max_batch_size=4,
+        request_timeout=request_timeout,
+        stream=False,
+    )
+
+
+def test_a_request_taken_from_the_queue_is_batched_even_when_the_batch_timeout_passed_first(
+    monkeypatch,
+):
+    import litserve.loops.base as base
+
+    q = queue.Queue()
+    q.put((0, "uid-1", time.monotonic(), {"task": "x"}))
+    monkeypatch.setattr(base, "time", Late())
+    payloads, timed_out = DrainingBatchedLoop().get_batch_requests(_api(0.02), q, Transport())
+    assert payloads == [(0, "uid-1", {"task": "x"})] and timed_out == []
+
+
+def test_a_request_past_its_timeout_is_answered_as_timed_out_not_dropped(monkeypatch):
+    import litserve.loops.base as base
+
+    q = queue.Queue()
+    q.put((0, "uid-2", time.monotonic() - 60, {"task": "x"}))
+    monkeypatch.setattr(base, "time", Late())
+    payloads, timed_out = DrainingBatchedLoop().get_batch_requests(_api(0.02), q, Transport())
+    assert payloads == [] and timed_out == [(0, "uid-2")]
+
+
+def test_with_time_to_collate_the_batch_holds_what_waits_in_order():
+    q = queue.Queue()
+    for i in range(6):
+        q.put((0, f"uid-{i}", time.monotonic(), i))
+    payloads, _ = DrainingBatchedLoop().get_batch_requests(_api(0.02), q, Transport())
+    assert [p[2] for p in payloads] == [0, 1, 2, 3]  # at most max_batch_size
+    payloads, _ = DrainingBatchedLoop().get_batch_requests(_api(0.0), q, Transport())
+    assert [p[2] for p in payloads] == [4, 5]
