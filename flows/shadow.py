@@ -87,9 +87,10 @@ def summarise(rows: list[dict], spec: GateSpec, production: str | None) -> dict:
     counts = {k: 0 for k in ("scored", "skipped", "error", "missing")}
     reasons: dict[str, int] = {}
     for r in rows:
-        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        n = r.get("decisions") or 1  # a row of skipped decisions stands for several
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + n
         if r["reason"]:
-            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + n
     scored = [r for r in rows if r["outcome"] == "scored"]
     per_bot: dict[str, list[bool]] = {}
     for r in scored:
@@ -110,6 +111,7 @@ def summarise(rows: list[dict], spec: GateSpec, production: str | None) -> dict:
     )
     return {
         "rows": len(rows),
+        "decisions": sum(counts.values()),
         "counts": counts,
         "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5]),
         "agreement": float(np.mean([a for v in per_bot.values() for a in v])) if scored else None,
@@ -188,7 +190,7 @@ def render(rep: dict, verdict: Verdict | None = None) -> str:
         f"Challenger v{rep['version']} in shadow beside {ALIAS} v{rep['production']}, "
         f"{rep['since']} .. {rep['until']}",
         "",
-        f"- decisions taken up: {rep['rows']}: {c['scored']} scored, {c['skipped']} skipped, "
+        f"- decisions taken up: {rep['decisions']}: {c['scored']} scored, {c['skipped']} skipped, "
         f"{c['error']} errors, {c['missing']} missing",
     ]
     lines += [f"  - {n} × {why}" for why, n in rep["reasons"].items()]

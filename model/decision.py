@@ -199,7 +199,22 @@ def shadow_record(q: Query, served: Decision, version: str, outcome: str, **fiel
         "bot": q.agent,
         "production_version": served.record["model_version"],
         "outcome": outcome,
+        "decisions": 1,
         **fields,
+    }
+
+
+def skipped_record(version: str, bot: str, production: str | None, reason: str, n: int) -> dict:
+    """One row (`agent_shadow`) for `n` decisions of `bot` the shadow skipped for `reason`."""
+    return {
+        "decision_id": f"skipped:{uuid.uuid4().hex}",
+        "challenger_version": version,
+        "created_at": datetime.now(UTC).isoformat(),
+        "bot": bot,
+        "production_version": production,
+        "outcome": "skipped",
+        "reason": reason,
+        "decisions": n,
     }
 
 

@@ -12,9 +12,11 @@ request's path and spooled while the database is away.
 
 Production comes first. The shadow has the worker freely when it is idle (no request
 came for a moment); otherwise it may use at most `shadow_budget` of the worker's
-time. Decisions it has no time for (more than `max_pending` waiting) are logged as
-`skipped`. A Challenger that raises is logged as `error`; one whose alias names a
-version this worker has not loaded (loading, or refused as a bad artifact) as `missing`.
+time. Decisions it has no time for (more than `max_pending` waiting) are counted as
+`skipped`: a row per bot, Production version and reason every TALLY_S, with the
+number of decisions it stands for. A Challenger that raises is logged as `error`; one
+whose alias names a version this worker has not loaded (loading, or refused as a bad
+artifact) as `missing`.
 None of it is ever raised into a request, and the answers never depend on it.
 """
 
@@ -26,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from model.decision import Decision, Query, shadow, shadow_record
+from model.decision import Decision, Query, shadow, shadow_record, skipped_record
 from serving.decision_log import DecisionLog
 from serving.follower import AliasFollower
 
@@ -35,6 +37,7 @@ log = logging.getLogger("valifi.serving.shadow")
 OUTCOMES = ("scored", "skipped", "error", "missing")
 STEP = 8  # decisions scored at a time: a request arriving meanwhile waits this long
 MAX_CREDIT_S = 0.05  # time budget saved up while the worker is busy, at most
+TALLY_S = 1.0  # skipped decisions are written as counts this often
 
 
 def sampled(decision_id: str, share: float) -> bool:
@@ -67,6 +70,9 @@ class Shadow:
         self.spent_s = 0.0  # time spent scoring
         self._credit = 0.0
         self._last = clock()
+        # skipped decisions not written yet: (Challenger version, bot, Production's, reason)
+        self._tally: dict[tuple[str, str, str | None, str], int] = {}
+        self._tallied_at = clock()
 
     # -- after Production decided (inside predict) --
     def offer(self, queries: list[Query], made: list[Decision]) -> None:
@@ -105,6 +111,8 @@ class Shadow:
         """Score one piece of what is pending (at most STEP decisions): freely when the
         worker is idle, else only within the time budget. Whether it scored."""
         now = self.clock()
+        if self._tally and now - self._tallied_at >= TALLY_S:
+            self.write_tally()
         self._credit = min(MAX_CREDIT_S, self._credit + self.budget * (now - self._last))
         self._last = now
         if not self.pending or (not idle and self._credit <= 0):
@@ -148,7 +156,19 @@ class Shadow:
     # -- records of what was not scored --
     def _unscored(self, taken: list[tuple[Query, Decision]], version, outcome, reason) -> None:
         self.counts[outcome] += len(taken)
+        if outcome == "skipped":  # counted: written by `write_tally`
+            for q, d in taken:
+                key = (version, q.agent, d.record["model_version"], reason)
+                self._tally[key] = self._tally.get(key, 0) + 1
+            return
         self.log.put([shadow_record(q, d, version, outcome, reason=reason) for q, d in taken])
+
+    def write_tally(self) -> None:
+        """The skipped decisions counted so far, a row per bot, Production version and
+        reason, to the log."""
+        tally, self._tally = self._tally, {}
+        self._tallied_at = self.clock()
+        self.log.put([skipped_record(*key, n) for key, n in tally.items()])
 
     def _missing_reason(self, alias: str) -> str:
         last = self.follower.status.last_outcome or {}
@@ -169,6 +189,7 @@ class Shadow:
             taken = list(zip(queries, made, strict=True))
             self._unscored(taken, version, "skipped", "the worker stopped")
         self.waiting = 0
+        self.write_tally()
 
     # -- reporting --
     def status(self) -> dict:

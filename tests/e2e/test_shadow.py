@@ -253,7 +253,7 @@ class Load:
 def _counts(db: str, version: str, since: datetime) -> dict[str, int]:
     with psycopg.connect(db) as conn:
         rows = conn.execute(
-            "SELECT outcome, count(*) FROM agent_shadow WHERE challenger_version = %s "
+            "SELECT outcome, sum(decisions)::int FROM agent_shadow WHERE challenger_version = %s "
             "AND created_at >= %s GROUP BY outcome",
             (version, since),
         ).fetchall()
@@ -287,7 +287,7 @@ def test_moving_the_challenger_under_load_fails_nothing_and_the_report_counts_th
         rep = json.loads(r.stdout)
         logged = _counts(db, version, since)
         assert sum(logged.values()) > 0
-        assert rep["rows"] == sum(logged.values())
+        assert rep["decisions"] == sum(logged.values())
         assert {k: v for k, v in rep["counts"].items() if v} == logged
 
 

@@ -123,12 +123,44 @@ def test_while_the_worker_is_busy_the_shadow_keeps_to_its_budget_and_logs_what_i
     for _ in range(2):  # more batches: the oldest are dropped past max_pending
         sh.offer(qs, made)
     assert sh.waiting == 8 and sh.counts["skipped"] == 4
-    assert {r["outcome"] for r in log.records} == {"skipped"}
-    assert "time budget" in log.records[0]["reason"]
+    assert log.records == []  # counted, written as one row a second
     clock.t, clock.tick = 0.1, 0.01  # 0.1 s busy: 10 ms of shadow time earned
     assert sh.step(idle=False) and sh.counts["scored"] == 4
+    assert log.records[0]["outcome"] == "scored"  # the tally is not due yet
     assert not sh.step(idle=False)  # that piece took more than 10 ms: the credit is spent
     assert sh.step(idle=True) and sh.counts["scored"] == 8  # idle: free
+
+
+def test_skipped_decisions_are_one_row_per_bot_and_reason_a_second_that_counts_them(models):
+    log, clock = Log(), Clock()
+    sh = Shadow(_follower(models["other"]), log, Exploration(), max_pending=4, clock=clock)
+    qs = _queries(6) + _queries(3, agent="other_bot")
+    made = decide(_model(0, bots=("bot", "other_bot")), qs, Exploration(), "1")
+    for _ in range(3):
+        sh.offer(qs, made)  # 27 taken up, at most 4 may wait (whole pieces go)
+    skipped = sh.counts["skipped"]
+    assert skipped + sh.waiting == 27 and sh.waiting <= 4 and log.records == []
+    clock.t = 1.5  # a second on: the next step writes the tally
+    sh.step(idle=True)
+    rows = [r for r in log.records if r["outcome"] == "skipped"]
+    assert sum(r["decisions"] for r in rows) == skipped
+    assert {r["bot"] for r in rows} == {"bot", "other_bot"} and len(rows) == 2
+    assert all(r["decision_id"].startswith("skipped:") for r in rows)
+    assert all("time budget" in r["reason"] and r["production_version"] == "1" for r in rows)
+    assert all(r["decisions"] == 1 for r in log.records if r["outcome"] == "scored")
+    sh.offer(qs, made)
+    sh.close()  # a worker stopping writes what it has counted
+    assert (
+        sum(r["decisions"] for r in log.records if r["outcome"] == "skipped")
+        == sh.counts["skipped"]
+    )
+    rep = summarise(
+        [r | {"probability": None, "reward": None, "decide_ms": None} for r in log.records],
+        GateSpec(ope_bootstrap=10),
+        "1",
+    )
+    assert rep["counts"] == sh.counts and rep["decisions"] == sum(sh.counts.values())
+    assert rep["rows"] == len(log.records) < rep["decisions"]
 
 
 def test_a_challenger_that_raises_or_is_missing_is_counted_never_raised(models):
