@@ -57,6 +57,35 @@ class SnapshotDataModule(L.LightningDataModule):
             torch.ones(len(val_reward)),  # validation weighs every row alike
         )
 
+    def distill(self, teacher, bank: dict[str, list[dict]], actions: int) -> None:
+        """Train on `teacher`'s scores instead of the rewards: on the logged pairs, and
+        on `actions` other actions of each row's bot from `bank` (drawn with the seed,
+        weighted as their row). The rewards' noise is gone from the targets, and the
+        actions a context was not logged with get targets too."""
+        rng = np.random.default_rng(self.cfg.seed)
+        *xs, _, weights = self.train_set.tensors
+        extra, extra_weights = [], []
+        for i, (bot, data_type, doc, action) in enumerate(rows_of(self.train_df)):
+            others = [a for a in bank.get(bot, []) if a != action]
+            if not others:
+                continue
+            for k in rng.choice(len(others), size=min(actions, len(others)), replace=False):
+                extra.append((bot, data_type, doc, others[k]))
+                extra_weights.append(weights[i])
+        if extra:
+            more = to_tensors(self.featurizer.encode(extra))
+            xs = [torch.cat([a, b]) for a, b in zip(xs, more, strict=True)]
+            weights = torch.cat([weights, torch.stack(extra_weights)])
+        teacher.eval()
+        with torch.no_grad():
+            target = torch.cat(
+                [
+                    teacher(*(x[i : i + 1024] for x in xs)).float()
+                    for i in range(0, len(xs[0]), 1024)
+                ]
+            )
+        self.train_set = TensorDataset(*xs, target, weights)
+
     def recency_weights(self) -> np.ndarray:
         """Loss weight of each training row, newer rows heavier, averaging 1 (so the
         loss keeps its scale); all 1 when `half_life_days` is 0."""

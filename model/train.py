@@ -9,6 +9,8 @@ WORLD_SIZE (one process per "node" with `--num-nodes 2 --devices 1`).
     OUT/artifact/        the model (see model.artifact)
     OUT/runs/            TensorBoard logs
     OUT/checkpoints/     Lightning's checkpoint of the last epoch (it becomes the artifact)
+    OUT/teacher/         with distillation (`--distill N`, the default): the N networks
+                         trained first, whose mean score the served network learns
     OUT/ranks/R.json     canary scores computed by each global rank
     OUT/result.json      metrics and paths, written by rank 0 when everything is done
 """
@@ -20,6 +22,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -122,9 +125,11 @@ def run(snap: Path, out: Path, launch: LaunchConfig, cfg: TrainConfig) -> TrainR
         members=cfg.members,
         interaction=cfg.interaction,
     )
+    started = time.perf_counter()
+    if cfg.distill > 1 and cfg.members == 1:
+        _distill(data, out, launch, cfg, model_cfg)
     module = RewardRegressor(model_cfg.to_dict(), cfg.to_dict())
     trainer, checkpoint = build_trainer(out, launch, cfg, len(data.train_df))
-    started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
 
@@ -162,6 +167,22 @@ def run(snap: Path, out: Path, launch: LaunchConfig, cfg: TrainConfig) -> TrainR
     result = TrainResult(path, out / "runs", metrics, config_doc)
     result.write(out)
     return result
+
+
+def _distill(
+    data: SnapshotDataModule, out: Path, launch: LaunchConfig, cfg: TrainConfig, model_cfg
+) -> None:
+    """Train `cfg.distill` networks side by side (the teacher), then make their mean
+    score the served network's targets (`SnapshotDataModule.distill`): on noisy rewards
+    the teacher's scores are steadier than the rewards, and one network serves them at
+    the cost of one."""
+    teacher = RewardRegressor(replace(model_cfg, members=cfg.distill).to_dict(), cfg.to_dict())
+    trainer, _ = build_trainer(out / "teacher", launch, cfg, len(data.train_df))
+    trainer.fit(teacher, datamodule=data)  # ends on the weights kept (averaged)
+    bank = artifact.action_bank(data.train_df)
+    data.distill(teacher.net.float().cpu(), bank, cfg.distill_actions)
+    # the served network starts from the weights it would have had trained alone
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
 
 def _write_rank_canaries(out: Path, trainer: L.Trainer, scores) -> None:

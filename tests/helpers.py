@@ -26,6 +26,7 @@ from valifi.experiments import start_agent_server as start_server
 from valifi.experiments import train_command as model_train_command
 
 __all__ = [
+    "ANY_MODEL",
     "ROOT",
     "drift_recovery",
     "free_port",
@@ -87,10 +88,14 @@ def train_small(
 
 _TRAINED: dict[tuple, tuple[Path, Path]] = {}
 
+# where any model serves (the serving tests): trained without distillation, in a third
+# of the time
+ANY_MODEL = ("--distill", "0")
+
 
 def register_small(uri: str, model: str, root: Path, seed: int, tamper=None) -> str:
     """Train a small model, optionally let `tamper(artifact_dir)` change it, register it."""
-    snap, out = train_small(root, seed)
+    snap, out = train_small(root, seed, extra=ANY_MODEL)
     if tamper is not None:
         tamper(out / "artifact")
     return register(uri, model, out, snap, key=f"test-{model}-{out}")

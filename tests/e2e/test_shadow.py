@@ -24,6 +24,7 @@ from core.registry import Registry
 from core.settings import CHALLENGER
 from model.synthetic import World, write_snapshot
 from tests.helpers import (
+    ANY_MODEL,
     free_port,
     module_settings,
     register_small,
@@ -93,7 +94,7 @@ def env(stack_env, external_pg, tmp_path_factory):
         snap = write_snapshot(root / "snap-no-trading", 1500, World(seed=4, only=bots))
         out = train(snap, root / "out-no-trading", 4, "--max-epochs", "2")
         assert register(uri, MODEL, out, snap) == "4"
-        snap1, out1 = train_small(root / "again", 1)  # v1's training, as trained
+        snap1, out1 = train_small(root / "again", 1, extra=ANY_MODEL)  # v1's, as trained
         assert register(uri, MODEL, out1, snap1, key="shadow-v1-again") == "5"
         Registry(uri, MODEL).promote("1", "shadow tests")
         yield env | {"uri": uri}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model.config import TrainConfig
-from model.module import RewardRegressor, SnapshotDataModule
+from model.features import canonical_json
+from model.module import RewardRegressor, SnapshotDataModule, rows_of
 from model.network import ModelConfig, RewardEnsemble, build, to_tensors
 from model.synthetic import World, write_snapshot
 
@@ -112,3 +113,32 @@ def test_an_ensemble_artifact_loads_and_reproduces_its_canaries(snapshot, tmp_pa
     with torch.no_grad():
         want = net.eval()(*to_tensors(fz.encode(rows))).numpy()
     np.testing.assert_allclose(model.score(rows), want, atol=1e-6)
+
+
+def test_distillation_fits_the_teachers_scores_on_the_logged_and_other_bank_actions(snapshot):
+    from model.artifact import action_bank
+
+    data = _data(snapshot, distill=3, distill_actions=2)
+    n = len(data.train_set)
+    fz = data.featurizer
+    cfg = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset, members=3)
+    torch.manual_seed(0)
+    teacher = build(cfg).eval()
+    bank = action_bank(data.train_df)
+    weights = data.train_set.tensors[-1].clone()
+    data.distill(teacher, bank, 2)
+    *x, target, w = data.train_set.tensors
+    assert len(target) == 3 * n  # every bot's bank holds more than two other actions
+    with torch.no_grad():
+        assert torch.allclose(target[:64], teacher(*[t[:64] for t in x]), atol=1e-5)
+        assert torch.allclose(target[-64:], teacher(*[t[-64:] for t in x]), atol=1e-5)
+    # each other action weighs as its row; the logged pairs keep their weights
+    assert torch.equal(w[:n], weights) and torch.equal(w[n : n + 2], weights[:1].repeat(2))
+    # the other actions are drawn from the bot's bank, never the one logged
+    bot, data_type, doc, logged = next(rows_of(data.train_df))
+    ids = {
+        canonical_json(a): to_tensors(fz.encode([(bot, data_type, doc, a)]))[0][0]
+        for a in bank[bot]
+    }
+    drawn = [k for k, t in ids.items() if any(torch.equal(t, x[0][n + j]) for j in range(2))]
+    assert len(drawn) == 2 and canonical_json(logged) not in drawn
