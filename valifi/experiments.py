@@ -36,12 +36,15 @@ def free_port() -> int:
 
 
 def train_command(snapshot: Path, out: Path, seed: int | None = None, *extra: str) -> list[str]:
-    """`python -m model.train` on `snapshot` into `out`, quietly, as the flow launches it;
-    `seed` None: the training's default."""
-    from core.settings import TrainSpec
+    """`python -m model.train` on `snapshot` into `out`, quietly, as the flow launches it
+    (with the `VALIFI_TRAIN_*` settings of the environment, e.g. its threads); `seed`
+    None: the settings' seed."""
+    from core.settings import Settings
     from flows.training import commands
 
-    spec = TrainSpec() if seed is None else TrainSpec(seed=seed)
+    spec = Settings().train
+    if seed is not None:
+        spec = spec.model_copy(update={"seed": seed})
     return commands(Path(snapshot), Path(out), spec, extra)[0]
 
 

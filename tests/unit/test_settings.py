@@ -169,3 +169,18 @@ def test_every_training_setting_is_declared_once_and_reaches_the_command(in_tmp,
     launch, recipe = config.parse(parse_args(["--snapshot", "s", "--out", "o", *options]))
     assert (recipe.half_life_days, recipe.shuffle_rewards) == (0.0, True)
     assert (launch.ground_truth, launch.progress) == ("synthetic", False)
+
+
+def test_a_training_run_outside_the_flow_has_the_flows_settings(in_tmp, monkeypatch):
+    """`valifi.experiments.train_command` (the tests' and benches' trainings) launches as
+    the flow would: with VALIFI_TRAIN_THREADS, two parallel trainings on two cores do
+    not each take both (they took several times as long)."""
+    from valifi.experiments import train_command
+
+    monkeypatch.setenv("VALIFI_TRAIN_THREADS", "1")
+    monkeypatch.setenv("VALIFI_TRAIN_SEED", "4")
+    cmd = train_command(in_tmp / "snap", in_tmp / "out", None, "--max-epochs", "2")
+    assert cmd[cmd.index("--threads") + 1] == "1"
+    assert cmd[cmd.index("--seed") + 1] == "4"
+    cmd = train_command(in_tmp / "snap", in_tmp / "out", 7)
+    assert cmd[cmd.index("--seed") + 1] == "7" and cmd.count("--seed") == 1
