@@ -205,7 +205,10 @@ def _config_field(f: dataclasses.Field, kind) -> tuple:
     if meta.get("choices"):
         kind = Literal[meta["choices"]]
     extra = {"allow_inf_nan": False} if meta.get("ge") is not None else {}
-    return (kind, Field(f.default, ge=meta.get("ge"), description=meta["help"], **extra))
+    return (
+        kind,
+        Field(f.default, ge=meta.get("ge"), le=meta.get("le"), description=meta["help"], **extra),
+    )
 
 
 def _specs():

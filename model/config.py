@@ -27,9 +27,15 @@ PRESETS = ("small", "large")
 SCHEDULES = ("cosine", "constant")
 
 
-def setting(default, help: str, choices: tuple | None = None, ge: float | None = None):
-    """A field with its help text and limits (`choices`, or a lower bound `ge`)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "ge": ge})
+def setting(
+    default,
+    help: str,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+):
+    """A field with its help text and limits (`choices`, or bounds `ge` and `le`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "ge": ge, "le": le})
 
 
 class Checked:
@@ -43,6 +49,9 @@ class Checked:
             ge = meta.get("ge")
             if ge is not None and value is not None and not (math.isfinite(value) and value >= ge):
                 raise ValueError(f"{f.name} must be a number >= {ge:g}: {value}")
+            le = meta.get("le")
+            if le is not None and value is not None and not value <= le:
+                raise ValueError(f"{f.name} must be a number <= {le:g}: {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +110,16 @@ class TrainConfig(Checked):
     )
     distill_actions: int = setting(
         1, "other bank actions per training row given the teacher's score (distillation)", ge=0
+    )
+    distill_trees: float = setting(
+        0.25,
+        "share of the teacher's score that comes from gradient-boosted trees fitted to the "
+        "same rows (scikit-learn), the rest from the networks: trees find thresholds and "
+        "flags from few rows and err differently, so the mix decides better than either; "
+        "at 0.5 the served network's steps at a level grow less sharp (0: networks only; "
+        "with distillation only)",
+        ge=0,
+        le=1,
     )
     interaction: str = setting(
         "prefix",

@@ -16,6 +16,7 @@ from model.config import TrainConfig
 from model.features import Featurizer
 from model.network import ModelConfig, build, to_tensors
 from model.snapshot import read_rows, temporal_split
+from model.trees import TreeTeacher
 
 
 def rows_of(df: pd.DataFrame):
@@ -57,15 +58,24 @@ class SnapshotDataModule(L.LightningDataModule):
             torch.ones(len(val_reward)),  # validation weighs every row alike
         )
 
-    def distill(self, teacher, bank: dict[str, list[dict]], actions: int) -> None:
-        """Train on `teacher`'s scores instead of the rewards: on the logged pairs, and
+    def distill(
+        self,
+        teacher,
+        bank: dict[str, list[dict]],
+        actions: int,
+        trees: TreeTeacher | None = None,
+        tree_share: float = 0.0,
+    ) -> None:
+        """Train on the teachers' scores instead of the rewards: on the logged pairs, and
         on `actions` other actions of each row's bot from `bank` (drawn with the seed,
-        weighted as their row). The rewards' noise is gone from the targets, and the
-        actions a context was not logged with get targets too."""
+        weighted as their row). The target is `teacher`'s score, mixed with `trees`'
+        at `tree_share`. The rewards' noise is gone from the targets, and the actions a
+        context was not logged with get targets too."""
         rng = np.random.default_rng(self.cfg.seed)
         *xs, _, weights = self.train_set.tensors
+        pairs = list(rows_of(self.train_df))
         extra, extra_weights = [], []
-        for i, (bot, data_type, doc, action) in enumerate(rows_of(self.train_df)):
+        for i, (bot, data_type, doc, action) in enumerate(pairs):
             others = [a for a in bank.get(bot, []) if a != action]
             if not others:
                 continue
@@ -84,7 +94,24 @@ class SnapshotDataModule(L.LightningDataModule):
                     for i in range(0, len(xs[0]), 1024)
                 ]
             )
+        if trees is not None and tree_share > 0:
+            by_trees = torch.as_tensor(trees.predict(pairs + extra))
+            target = (1 - tree_share) * target + tree_share * by_trees
         self.train_set = TensorDataset(*xs, target, weights)
+
+    def tree_teacher(self, threads: int) -> TreeTeacher:
+        """Gradient-boosted trees fitted to the rewards trained on, each row weighed as
+        in the network's loss, and to the validation rows (the newest, weighed as the
+        newest training row): trees have no use for them to stop by, and on a small
+        snapshot the newest rows are worth most. With the rewards shuffled (a model
+        broken on purpose) the trees see the shuffled training rewards alone."""
+        *_, reward, weights = self.train_set.tensors
+        rows, reward, weights = list(rows_of(self.train_df)), reward.numpy(), weights.numpy()
+        if not self.cfg.shuffle_rewards:
+            rows += list(rows_of(self.val_df))
+            reward = np.concatenate([reward, self.val_set.tensors[-2].numpy()])
+            weights = np.concatenate([weights, np.full(len(self.val_df), weights[-1])])
+        return TreeTeacher.fit(rows, reward, weights, seed=self.cfg.seed, threads=threads)
 
     def recency_weights(self) -> np.ndarray:
         """Loss weight of each training row, newer rows heavier, averaging 1 (so the

@@ -175,12 +175,14 @@ def _distill(
     """Train `cfg.distill` networks side by side (the teacher), then make their mean
     score the served network's targets (`SnapshotDataModule.distill`): on noisy rewards
     the teacher's scores are steadier than the rewards, and one network serves them at
-    the cost of one."""
+    the cost of one. With `cfg.distill_trees` above 0, gradient-boosted trees are part
+    of the teacher at that share (`model.trees`)."""
     teacher = RewardRegressor(replace(model_cfg, members=cfg.distill).to_dict(), cfg.to_dict())
     trainer, _ = build_trainer(out / "teacher", launch, cfg, len(data.train_df))
     trainer.fit(teacher, datamodule=data)  # ends on the weights kept (averaged)
+    trees = data.tree_teacher(_threads(launch)) if cfg.distill_trees > 0 else None
     bank = artifact.action_bank(data.train_df)
-    data.distill(teacher.net.float().cpu(), bank, cfg.distill_actions)
+    data.distill(teacher.net.float().cpu(), bank, cfg.distill_actions, trees, cfg.distill_trees)
     # the served network starts from the weights it would have had trained alone
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 

@@ -142,3 +142,53 @@ def test_distillation_fits_the_teachers_scores_on_the_logged_and_other_bank_acti
     }
     drawn = [k for k, t in ids.items() if any(torch.equal(t, x[0][n + j]) for j in range(2))]
     assert len(drawn) == 2 and canonical_json(logged) not in drawn
+
+
+def test_with_trees_the_target_mixes_their_scores_with_the_networks_at_their_share(snapshot):
+    from model.artifact import action_bank
+
+    data = _data(snapshot, distill=3, distill_actions=1)
+    n = len(data.train_set)
+    trees = data.tree_teacher(threads=1)
+    fz = data.featurizer
+    cfg = ModelConfig.preset("small", fz.vocab_size, fz.max_len, fz.word_offset, members=3)
+    torch.manual_seed(0)
+    teacher = build(cfg).eval()
+    bank = action_bank(data.train_df)
+    data.distill(teacher, bank, 1, trees, 0.25)
+    *x, target, _ = data.train_set.tensors
+    assert len(target) == 2 * n
+    logged = list(rows_of(data.train_df))
+    with torch.no_grad():
+        nets = teacher(*[t[:64] for t in x])
+    by_trees = torch.as_tensor(trees.predict(logged[:64]))
+    assert not torch.allclose(nets, by_trees, atol=1e-2)
+    assert torch.allclose(target[:64], 0.75 * nets + 0.25 * by_trees, atol=1e-5)
+
+
+def test_the_trees_learn_the_training_and_validation_rows(snapshot):
+    data = _data(snapshot)
+    trees = data.tree_teacher(threads=1)
+    assert trees.rows == len(data.train_df) + len(data.val_df)
+    val = list(rows_of(data.val_df))
+    fitted = np.corrcoef(trees.predict(val), data.val_df["reward"])[0, 1]
+    without = np.corrcoef(_trees_of_training_rows(data).predict(val), data.val_df["reward"])
+    assert fitted > without[0, 1]  # the validation rows were learned, not only seen
+
+
+def _trees_of_training_rows(data):
+    from model.trees import TreeTeacher
+
+    *_, reward, weights = data.train_set.tensors
+    rows = list(rows_of(data.train_df))
+    return TreeTeacher.fit(rows, reward.numpy(), weights.numpy(), seed=0, threads=1)
+
+
+def test_the_trees_learn_the_rewards_trained_on_shuffled_when_they_are(snapshot):
+    true = _data(snapshot).train_df["reward"].to_numpy()
+    data = _data(snapshot, shuffle_rewards=True)
+    shuffled = data.train_set.tensors[-2].numpy()
+    trees = data.tree_teacher(threads=1)
+    assert trees.rows == len(data.train_df)  # no true rewards of the validation rows
+    pred = trees.predict(list(rows_of(data.train_df)))
+    assert np.corrcoef(pred, shuffled)[0, 1] > np.corrcoef(pred, true)[0, 1] + 0.2
