@@ -116,6 +116,7 @@ def run(snap: Path, out: Path, launch: LaunchConfig, cfg: TrainConfig) -> TrainR
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = SnapshotDataModule(snap, cfg)
     data.setup("fit")
+    cfg = cfg.sized(len(data.train_df))  # the by-size defaults, saved as used
     fz = data.featurizer
     model_cfg = ModelConfig.preset(
         cfg.preset,

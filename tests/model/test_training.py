@@ -81,6 +81,10 @@ def test_smoke_run_writes_a_loadable_artifact(small_snapshot, tmp_path):
     assert all(len(support["counts"][b]) == len(bank[b]) for b in bank)
     assert all(ns == sorted(ns, reverse=True) and min(ns) > 0 for ns in support["counts"].values())
     model = load(art)
+    # the distillation's settings by size: on a small snapshot more of the trees and
+    # more other actions per row, and the recipe saved says what was used
+    recipe = model.config["train"]
+    assert recipe["distill_actions"] == 3 and 0.25 < recipe["distill_trees"] <= 0.5
     (ranked,) = model.rank_many([("trading_advanced", {"indicators": {"rsi": 25.0}}, None)])
     for r in ranked:
         n = support["counts"]["trading_advanced"][bank["trading_advanced"].index(r.action)]
