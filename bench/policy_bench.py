@@ -2,7 +2,7 @@
 
     python3 scripts/bench.py policy_bench [--sizes 1000 10000 100000] [--seeds 0 1 2 3 4]
                                  [--world hard] [--members 1 3] [--variant 'NAME=OPTIONS']
-                                 [--no-vw]
+                                 [--no-vw] [--pessimism 0 1 2 3]
 
 Needs the development extras (`vowpalwabbit`, `lightgbm`). On the synthetic world
 (true rewards known), for each size and seed: one snapshot drawn with that seed, split
@@ -25,6 +25,10 @@ one seed is a noisy judge: compare over five.
 - the behaviour policy (the logged actions), the most frequent action per bot, and
   the oracle.
 
+`--pessimism K ...` ranks each of ours' choices again with the lower bound's pessimism
+at each K (`--pessimism` of the training; the same trained networks, so only the
+ranking changes), as rows "NAME, pessimism K".
+
 `--world hard` runs on the generator's harder world (more and parameterised actions,
 noisier rewards, a best action the behaviour policy almost never tries).
 """
@@ -32,6 +36,8 @@ noisier rewards, a best action the behaviour policy almost never tries).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -42,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model.artifact import action_bank, load
+from model.artifact import Support, action_bank, load
 from model.config import TrainConfig
 from model.features import canonical_json, leaves
 from model.offpolicy import Behaviour
@@ -161,9 +167,11 @@ def run(
     hard: bool = False,
     variants: dict[str, list[str]] | None = None,
     vw: bool = True,
+    pessimism: tuple[float, ...] = (),
 ) -> dict:
     """Every learner on one log of `size` rows drawn with `seed`: the true mean reward
-    of its choices on the holdout contexts, and its training seconds."""
+    of its choices on the holdout contexts, and its training seconds; each of ours
+    also ranked with each of `pessimism`."""
     variants = variants if variants is not None else {"ours": []}
     world = World(seed=seed, hard=hard)
     snap = write_snapshot(root / f"snap-{size}-{seed}", size, World(seed=seed, hard=hard))
@@ -195,11 +203,17 @@ def run(
     values: dict[str, float] = {}
     for i, (name, args) in enumerate(variants.items()):
         t = time.perf_counter()
-        ours = _ours(snap, root / f"ours-{size}-{seed}-{i}", seed, args)
+        out = root / f"ours-{size}-{seed}-{i}"
+        ours = _ours(snap, out, seed, args)
         seconds[name] = time.perf_counter() - t
         values[name] = value(
             ours.choose([h[0] for h in hold], [h[2] for h in hold], [h[1] for h in hold])
         )
+        for k in pessimism:
+            ours.support = with_pessimism(ours.support, out / "artifact", k)
+            values[f"{name}, pessimism {k:g}"] = value(
+                ours.choose([h[0] for h in hold], [h[2] for h in hold], [h[1] for h in hold])
+            )
     if vw:
         t = time.perf_counter()
         behaviour = Behaviour(list(learn["bot"]), list(learn["input"]), list(learn["action"]))
@@ -223,6 +237,13 @@ def run(
         "oracle": value([world.oracle_action(h[0], h[2]) for h in hold]),
     }
     return {"values": values, "seconds": seconds, "holdout": len(hold), "train": len(rows)}
+
+
+def with_pessimism(support: Support, artifact: Path, pessimism: float) -> Support:
+    """`support` of the artifact at `artifact` with its penalty for `pessimism` standard
+    errors of the noise it was trained with (the noise is saved beside the counts)."""
+    noise = json.loads((artifact / "action_bank.json").read_text())["support"]["noise_sd"]
+    return dataclasses.replace(support, penalty=pessimism * float(noise))
 
 
 def gaps(values: dict[str, float]) -> dict[str, float]:
@@ -276,6 +297,13 @@ def main() -> int:
     )
     p.add_argument("--only-variants", action="store_true", help="leave out plain ours")
     p.add_argument("--no-vw", action="store_true", help="leave out Vowpal Wabbit")
+    p.add_argument(
+        "--pessimism",
+        type=float,
+        nargs="+",
+        default=[],
+        help="also rank ours' choices with each of these pessimisms (no training)",
+    )
     args = p.parse_args()
     seeds = [args.seed] if args.seed is not None else args.seeds
     variants = _variants(args)
@@ -284,7 +312,15 @@ def main() -> int:
     for size in args.sizes:
         results = []
         for seed in seeds:
-            r = run(size, seed, root, args.world == "hard", variants, not args.no_vw)
+            r = run(
+                size,
+                seed,
+                root,
+                args.world == "hard",
+                variants,
+                not args.no_vw,
+                tuple(args.pessimism),
+            )
             results.append(r)
             g = gaps(r["values"])
             print(

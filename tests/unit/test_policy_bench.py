@@ -48,3 +48,18 @@ def test_variants_are_named_options_of_the_training():
         "ours, 3 members": ["--members", "3"],
         "wide": ["--lr", "0.002", "--members", "2"],
     }
+
+
+def test_ours_ranked_again_at_another_pessimism_uses_the_noise_saved_with_the_artifact(tmp_path):
+    bench = _bench()
+    bank = {"b": [{"action": "often"}, {"action": "rare"}]}
+    saved = {"counts": {"b": [100, 4]}, "pessimism": 2.0, "noise_sd": 0.5}
+    (tmp_path / "action_bank.json").write_text(bench.json.dumps({"bank": bank, "support": saved}))
+    trained = bench.Support.from_json(saved, bank)
+    assert trained.margin("b", {"action": "rare"}) == pytest.approx(0.5)  # 2 x 0.5 / 2
+
+    again = bench.with_pessimism(trained, tmp_path, 3.0)
+    assert again.margin("b", {"action": "rare"}) == pytest.approx(0.75)
+    assert again.margin("b", {"action": "often"}) == pytest.approx(0.15)
+    assert bench.with_pessimism(trained, tmp_path, 0.0).margin("b", {"action": "rare"}) == 0.0
+    assert trained.margin("b", {"action": "rare"}) == pytest.approx(0.5)  # left as it was
