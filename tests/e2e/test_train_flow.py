@@ -72,6 +72,12 @@ def _production(c) -> str | None:
     return mv.version if mv else None
 
 
+# the gate, the registry and the nodes are what these runs test: trained without
+# distillation, in a third of the time (the deployment's run and the CLI's below train
+# with the defaults, distillation included)
+QUICK = ["--distill", "0"]
+
+
 def _run(**params):
     from flows.pipeline import train
 
@@ -80,7 +86,7 @@ def _run(**params):
 
 def test_first_run_registers_v1_and_promotes_it(env, mlflow_client):
     seed(env["DATABASE_URL"], 4000, world=World(seed=1), end=NOW, days=6)
-    state = _run()
+    state = _run(train_args=QUICK)
     assert state.is_completed() and state.name == "Completed", state.message
     assert state.message.startswith("promoted v1: ")
     assert "no champion: judged on floors alone" in state.message
@@ -101,7 +107,7 @@ def test_first_run_registers_v1_and_promotes_it(env, mlflow_client):
 
 def test_second_run_compares_against_v1_with_recorded_reasons(env, mlflow_client):
     seed(env["DATABASE_URL"], 1500, world=World(seed=2), end=NOW, days=6, mode="append")
-    state = _run()
+    state = _run(train_args=QUICK)
     assert state.is_completed(), state.message
     tags = mlflow_client.get_model_version(MODEL, "2").tags
     assert "v1: holdout MSE" in tags["gate_reasons"] and "95% CI" in tags["gate_reasons"]
@@ -113,7 +119,7 @@ def test_second_run_compares_against_v1_with_recorded_reasons(env, mlflow_client
 
 def test_worse_model_is_registered_but_not_promoted(env, mlflow_client):
     before = _production(mlflow_client)
-    state = _run(train_args=["--shuffle-rewards"])
+    state = _run(train_args=["--shuffle-rewards", *QUICK])
     assert state.is_completed() and state.name == "Rejected", state.message
     assert "rejected by the gate (v3 registered, not promoted)" in state.message
     assert "regresses against" in state.message or "below the floor" in state.message
@@ -154,7 +160,7 @@ def test_a_promotion_made_while_a_run_is_evaluating_is_not_undone_by_that_run(en
 def test_two_local_nodes_train_one_model_that_is_registered(env, registry):
     """num_nodes=2 from the flow: two torchrun agents on this machine, gloo on CPU."""
     count = len(registry.versions())
-    state = _run(num_nodes=2, devices=1, max_epochs=2)
+    state = _run(num_nodes=2, devices=1, max_epochs=2, train_args=QUICK)
     assert state.is_completed(), state.message
     versions = registry.versions()
     assert len(versions) == count + 1
