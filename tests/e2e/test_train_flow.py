@@ -73,8 +73,8 @@ def _production(c) -> str | None:
 
 
 # the gate, the registry and the nodes are what these runs test: trained without
-# distillation, in a third of the time (the deployment's run and the CLI's below train
-# with the defaults, distillation included)
+# distillation, in a third of the time (the deployment's run, tests/e2e/test_deployment.py,
+# trains with the defaults, distillation included)
 QUICK = ["--distill", "0"]
 
 
@@ -134,7 +134,7 @@ def test_a_promotion_made_while_a_run_is_evaluating_is_not_undone_by_that_run(en
     other = next(v.version for v in registry.versions() if v.version != before)
     # a generous margin: this run's gate passes, so it reaches the promotion step
     proc = subprocess.Popen(
-        [sys.executable, "-m", "valifi.cli", "train"],
+        [sys.executable, "-m", "valifi.cli", "train", "--", *QUICK],  # (passed on as they are)
         env={**os.environ, **env, "VALIFI_GATE_MARGIN": "1.0"},
         cwd=ROOT,
         stdout=subprocess.PIPE,
