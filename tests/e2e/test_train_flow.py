@@ -20,6 +20,7 @@ import pytest
 
 from model.synthetic import BOTS, BadRows, World
 from tests.helpers import (
+    ANY_MODEL,
     ROOT,
     free_port,
     mlflow_serve_command,
@@ -72,10 +73,9 @@ def _production(c) -> str | None:
     return mv.version if mv else None
 
 
-# the gate, the registry and the nodes are what these runs test: trained without
-# distillation, in a third of the time (the deployment's run, tests/e2e/test_deployment.py,
-# trains with the defaults, distillation included)
-QUICK = ["--distill", "0"]
+# the gate, the registry and the nodes are what these runs test: any model does (the
+# deployment's run, tests/e2e/test_deployment.py, trains with the defaults)
+QUICK = list(ANY_MODEL)
 
 
 def _run(**params):
