@@ -191,6 +191,7 @@ def run(
     )
     bank = action_bank(learn)
     hold = list(zip(holdout["bot"], holdout["data_type"], holdout["input"], strict=True))
+    bots, data_types, inputs = (list(holdout[c]) for c in ("bot", "data_type", "input"))
 
     def value(actions) -> float:
         return float(
@@ -206,14 +207,11 @@ def run(
         out = root / f"ours-{size}-{seed}-{i}"
         ours = _ours(snap, out, seed, args)
         seconds[name] = time.perf_counter() - t
-        values[name] = value(
-            ours.choose([h[0] for h in hold], [h[2] for h in hold], [h[1] for h in hold])
-        )
+        values[name] = value(ours.choose(bots, inputs, data_types))
+        noise = saved_noise(out / "artifact") if pessimism else 0.0
         for k in pessimism:
-            ours.support = with_pessimism(ours.support, out / "artifact", k)
-            values[f"{name}, pessimism {k:g}"] = value(
-                ours.choose([h[0] for h in hold], [h[2] for h in hold], [h[1] for h in hold])
-            )
+            ours.support = with_pessimism(ours.support, noise, k)
+            values[f"{name}, pessimism {k:g}"] = value(ours.choose(bots, inputs, data_types))
     if vw:
         t = time.perf_counter()
         behaviour = Behaviour(list(learn["bot"]), list(learn["input"]), list(learn["action"]))
@@ -239,11 +237,15 @@ def run(
     return {"values": values, "seconds": seconds, "holdout": len(hold), "train": len(rows)}
 
 
-def with_pessimism(support: Support, artifact: Path, pessimism: float) -> Support:
-    """`support` of the artifact at `artifact` with its penalty for `pessimism` standard
-    errors of the noise it was trained with (the noise is saved beside the counts)."""
-    noise = json.loads((artifact / "action_bank.json").read_text())["support"]["noise_sd"]
-    return dataclasses.replace(support, penalty=pessimism * float(noise))
+def saved_noise(artifact: Path) -> float:
+    """The noise of one reward the artifact at `artifact` was trained with (saved beside
+    the counts of its support)."""
+    return float(json.loads((artifact / "action_bank.json").read_text())["support"]["noise_sd"])
+
+
+def with_pessimism(support: Support, noise: float, pessimism: float) -> Support:
+    """`support` with its penalty for `pessimism` standard errors of `noise`."""
+    return dataclasses.replace(support, penalty=pessimism * noise)
 
 
 def gaps(values: dict[str, float]) -> dict[str, float]:

@@ -58,8 +58,9 @@ def test_ours_ranked_again_at_another_pessimism_uses_the_noise_saved_with_the_ar
     trained = bench.Support.from_json(saved, bank)
     assert trained.margin("b", {"action": "rare"}) == pytest.approx(0.5)  # 2 x 0.5 / 2
 
-    again = bench.with_pessimism(trained, tmp_path, 3.0)
+    assert bench.saved_noise(tmp_path) == 0.5
+    again = bench.with_pessimism(trained, bench.saved_noise(tmp_path), 3.0)
     assert again.margin("b", {"action": "rare"}) == pytest.approx(0.75)
     assert again.margin("b", {"action": "often"}) == pytest.approx(0.15)
-    assert bench.with_pessimism(trained, tmp_path, 0.0).margin("b", {"action": "rare"}) == 0.0
+    assert bench.with_pessimism(trained, 0.5, 0.0).margin("b", {"action": "rare"}) == 0.0
     assert trained.margin("b", {"action": "rare"}) == pytest.approx(0.5)  # left as it was
