@@ -20,6 +20,16 @@ from model.features import leaves
 
 MAX_COLUMNS = 512  # the most frequent features of the training rows
 MAX_INDICATOR_CHARS = 64  # longer strings are text, not a category
+# more and smaller steps, smaller leaves and an L2 penalty than scikit-learn's defaults
+# (100 rounds at 0.1, leaves of 20 rows): alone as direct-method policies on the hard
+# world's ten 1k-row logs (bench/policy_bench.py's) these closed 0.309 of the gap, the
+# defaults 0.221, LightGBM's 400 rounds at 0.05 0.280
+BOOSTING = {
+    "max_iter": 400,
+    "learning_rate": 0.05,
+    "min_samples_leaf": 10,
+    "l2_regularization": 1.0,
+}
 
 
 def flat(bot: str, data_type: str, x, action) -> tuple[dict[str, float], set[str]]:
@@ -72,7 +82,7 @@ class TreeTeacher:
         counts = Counter(k for f in feats for k in f)
         columns = sorted(counts, key=lambda k: (-counts[k], k))[:max_columns]
         numeric = set().union(*(n for _, n in flats))
-        model = HistGradientBoostingRegressor(random_state=seed)
+        model = HistGradientBoostingRegressor(random_state=seed, **BOOSTING)
         teacher = cls(columns, numeric, model, threads, len(rows))
         with threadpool_limits(threads):
             model.fit(teacher._matrix(feats), np.asarray(rewards), sample_weight=weights)

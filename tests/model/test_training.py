@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.artifact import ArtifactError, load
+from model.config import TrainConfig
 from model.result import TrainResult
 from model.synthetic import World, write_snapshot
 from tests.helpers import ROOT, free_port, model_train_command
@@ -74,21 +75,25 @@ def test_smoke_run_writes_a_loadable_artifact(small_snapshot, tmp_path):
     }
     # the ranking's lower bound: each bank action's training rows and the model's noise
     support = doc["support"]
-    assert support["pessimism"] == 2.0
-    assert support["noise_sd"] == pytest.approx(result.metrics["val_loss"] ** 0.5)
+    # the pessimism by the snapshot's size, as the recipe saved with the model says
     train_rows = result.metrics["train_rows"]
+    assert support["pessimism"] == TrainConfig().sized(train_rows).pessimism
+    assert support["pessimism"] == result.config["train"]["pessimism"]
+    assert support["noise_sd"] == pytest.approx(result.metrics["val_loss"] ** 0.5)
     assert sum(map(sum, support["counts"].values())) == train_rows
     assert all(len(support["counts"][b]) == len(bank[b]) for b in bank)
     assert all(ns == sorted(ns, reverse=True) and min(ns) > 0 for ns in support["counts"].values())
     model = load(art)
-    # the distillation's settings by size: on a small snapshot more of the trees and
-    # more other actions per row, and the recipe saved says what was used
+    # the settings by size: on a small snapshot more of the trees, more other actions per
+    # row and less pessimism, and the recipe saved says what was used
     recipe = model.config["train"]
-    assert recipe["distill_actions"] == 3 and 0.25 < recipe["distill_trees"] <= 0.5
+    assert recipe["distill_actions"] == 3 and 0.25 < recipe["distill_trees"] <= 0.75
+    assert 1.0 < recipe["pessimism"] < 2.0
     (ranked,) = model.rank_many([("trading_advanced", {"indicators": {"rsi": 25.0}}, None)])
     for r in ranked:
         n = support["counts"]["trading_advanced"][bank["trading_advanced"].index(r.action)]
-        assert r.lower == pytest.approx(r.score - 2.0 * support["noise_sd"] / n**0.5, abs=1e-5)
+        margin = recipe["pessimism"] * support["noise_sd"] / n**0.5
+        assert r.lower == pytest.approx(r.score - margin, abs=1e-5)
     assert [r.lower for r in ranked] == sorted((r.lower for r in ranked), reverse=True)
     # another process reproduces the canary scores
     check = subprocess.run(

@@ -68,20 +68,26 @@ def test_the_warmup_is_one_setting_from_the_environment_to_the_schedule(monkeypa
     assert warmup_cosine(24, 100, module.warmup) == 1.0 > warmup_cosine(23, 100, module.warmup)
 
 
-def test_distillation_takes_more_of_the_trees_and_more_actions_on_a_small_snapshot():
+def test_a_small_snapshot_takes_more_of_the_trees_more_actions_and_less_pessimism():
     from model.config import LARGE_ROWS, SMALL_ROWS
 
     cfg = train_config(parse_args(BASE))
-    assert cfg.distill_trees is None and cfg.distill_actions is None  # unset: by size
+    # unset: by size
+    assert cfg.distill_trees is None and cfg.distill_actions is None and cfg.pessimism is None
     small, large = cfg.sized(SMALL_ROWS), cfg.sized(LARGE_ROWS)
-    assert (small.distill_trees, small.distill_actions) == (0.5, 3)
-    assert (large.distill_trees, large.distill_actions) == (0.25, 1)
+    assert (small.distill_trees, small.distill_actions, small.pessimism) == (0.75, 3, 1.0)
+    assert (large.distill_trees, large.distill_actions, large.pessimism) == (0.25, 1, 2.0)
     assert cfg.sized(100) == small and cfg.sized(100 * LARGE_ROWS) == large
     between = [cfg.sized(n) for n in range(SMALL_ROWS, LARGE_ROWS + 1, 250)]
     shares = [c.distill_trees for c in between]
     assert shares == sorted(shares, reverse=True) and len(set(shares)) > 10
+    pessimisms = [c.pessimism for c in between]
+    assert pessimisms == sorted(pessimisms) and len(set(pessimisms)) > 10
     assert {c.distill_actions for c in between} == {3, 2, 1}
     # given, a setting is taken as it is at any size
-    given = train_config(parse_args([*BASE, "--distill-trees", "0", "--distill-actions", "2"]))
+    given = train_config(
+        parse_args([*BASE, "--distill-trees", "0", "--distill-actions", "2", "--pessimism", "0"])
+    )
     assert given.sized(SMALL_ROWS).distill_trees == 0 and given.sized(50).distill_actions == 2
     assert given.sized(LARGE_ROWS).distill_actions == 2
+    assert given.sized(SMALL_ROWS).pessimism == 0 == given.sized(LARGE_ROWS).pessimism
