@@ -160,16 +160,12 @@ class TrainConfig(Checked):
         rows: the recipe saved with the model says what was used."""
         span = math.log(LARGE_ROWS / SMALL_ROWS)
         at = min(1.0, max(0.0, math.log(max(1, train_rows) / SMALL_ROWS) / span))
-        trees = SMALL_DISTILL[0] + at * (LARGE_DISTILL[0] - SMALL_DISTILL[0])
-        actions = SMALL_DISTILL[1] + at * (LARGE_DISTILL[1] - SMALL_DISTILL[1])
-        pessimism = SMALL_PESSIMISM + at * (LARGE_PESSIMISM - SMALL_PESSIMISM)
-        trees_given, actions_given = self.distill_trees, self.distill_actions
-        return replace(
-            self,
-            distill_trees=round(trees, 3) if trees_given is None else trees_given,
-            distill_actions=round(actions) if actions_given is None else actions_given,
-            pessimism=round(pessimism, 3) if self.pessimism is None else self.pessimism,
-        )
+        by_size = {
+            "distill_trees": round(_between(SMALL_DISTILL[0], LARGE_DISTILL[0], at), 3),
+            "distill_actions": round(_between(SMALL_DISTILL[1], LARGE_DISTILL[1], at)),
+            "pessimism": round(_between(SMALL_PESSIMISM, LARGE_PESSIMISM, at), 3),
+        }
+        return replace(self, **{k: v for k, v in by_size.items() if getattr(self, k) is None})
 
     def epochs(self, train_rows: int, world_size: int = 1) -> int:
         """How many epochs to train `train_rows` rows for, split over `world_size` ranks."""
@@ -177,6 +173,11 @@ class TrainConfig(Checked):
             return self.max_epochs
         steps = math.ceil(train_rows / (self.batch_size * max(1, world_size)))
         return max(EPOCHS, math.ceil(MIN_STEPS / max(1, steps)))
+
+
+def _between(small: float, large: float, at: float) -> float:
+    """The value `at` (0 to 1) of the way from `small` to `large`."""
+    return small + at * (large - small)
 
 
 @dataclass
